@@ -1,0 +1,1 @@
+"""Export to device formats: GGUF (llama.cpp) and ONNX (ONNX Runtime)."""

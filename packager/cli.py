@@ -1,0 +1,77 @@
+"""The `packager` command. Subcommands are imported lazily so `--help` is fast and a
+missing build extra is reported in one line instead of a traceback."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from packager import __version__
+
+# name -> "module:attribute" of a click command or group. Each stage owns its module.
+COMMANDS = {
+    "inspect": "packager.commands.inspect_cmd:inspect_command",
+    "prune": "packager.commands.prune_cmd:prune_command",
+    "calibrate": "packager.commands.calibrate_cmd:calibrate_command",
+    "stats": "packager.commands.stats_cmd:stats_group",
+    "plan": "packager.commands.plan_cmd:plan_group",
+    "export": "packager.commands.export_cmd:export_group",
+    "prune-gguf": "converters.gguf.cli:prune_gguf_command",
+    "distill": "packager.commands.distill_cmd:distill_command",
+    "verify": "packager.commands.verify_cmd:verify_command",
+    "bundle": "packager.commands.bundle_cmd:bundle_command",
+    "report": "packager.commands.report_cmd:report_command",
+    "build": "packager.commands.build_cmd:build_command",
+}
+
+BUILD_EXTRA_HINT = "install the build side first: pip install 'edge-translation-packager[build]' (torch, transformers, ...)"
+
+
+def load_command(spec: str) -> click.Command:
+    module_name, attribute = spec.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] in {"torch", "transformers", "safetensors", "gguf", "onnx", "onnxscript", "sacrebleu", "matplotlib"}:
+            raise click.ClickException(f"{exc.name} is missing: {BUILD_EXTRA_HINT}") from None
+        raise
+    return getattr(module, attribute)
+
+
+class LazyGroup(click.Group):
+    def __init__(self, *args, lazy_commands: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = lazy_commands or {}
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy_commands))
+
+    def get_command(self, ctx, name):
+        if name in self.lazy_commands:
+            try:
+                return load_command(self.lazy_commands[name])
+            except (ModuleNotFoundError, AttributeError):
+                if ctx.resilient_parsing or "--help" in sys.argv:
+                    return None  # not built yet: hide it from --help
+                raise
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, lazy_commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="packager")
+@click.option("-v", "--verbose", count=True, help="more log output (repeat for debug)")
+def cli(verbose: int) -> None:
+    """Prune a mixture-of-experts LLM into small offline translators."""
+    import logging
+
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def main() -> None:
+    cli(prog_name="packager")
+
+
+if __name__ == "__main__":
+    main()
