@@ -1,0 +1,291 @@
+"""llama.cpp backend through llama-cpp-python's low-level C API (stock llama.cpp, unpatched).
+
+`parity=True` gives the settings under which llama.cpp matches transformers' fp32 logits to
+about 1e-5 (FACTS.md): F32 KV cache and flash attention off. Without it the KV cache is F16,
+as llama.cpp users run it.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from runtime.backends.base import Backend
+from runtime.errors import BackendError
+from runtime.schema import ExportConfig
+
+logger = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_N_CTX = 2048
+
+
+def _llama():
+    try:
+        import llama_cpp
+    except ImportError as exc:  # pragma: no cover - base dependency
+        raise BackendError(f"llama-cpp-python is not installed ({exc}); pip install llama-cpp-python") from None
+    # its log callback prints every llama.cpp line unless this logger says otherwise
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR if not logger.isEnabledFor(logging.DEBUG) else logging.DEBUG)
+    return llama_cpp
+
+
+def check_gguf_header(path: Path) -> None:
+    """Refuse what is not a GGUF file before llama.cpp sees it (its errors are not user-facing)."""
+    try:
+        with path.open("rb") as handle:
+            magic = handle.read(4)
+    except FileNotFoundError:
+        raise BackendError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise BackendError(f"{path}: is a directory, expected a .gguf file") from None
+    if magic != GGUF_MAGIC:
+        raise BackendError(f"{path}: not a GGUF file (magic {magic!r}); export it with `packager export gguf`")
+
+
+class _Model:
+    """Owns a llama_model pointer."""
+
+    def __init__(self, path: Path, *, vocab_only: bool = False):
+        llama_cpp = _llama()
+        check_gguf_header(path)
+        llama_cpp.llama_backend_init()
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = 0
+        params.vocab_only = vocab_only
+        params.use_mmap = True
+        self.ptr = llama_cpp.llama_model_load_from_file(str(path).encode("utf-8"), params)
+        if not self.ptr:
+            raise BackendError(
+                f"{path}: llama.cpp could not load this GGUF (truncated, corrupt, or an architecture "
+                f"this llama.cpp does not know); run with -v for llama.cpp's log"
+            )
+        self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+
+    def metadata(self) -> dict[str, str]:
+        llama_cpp = _llama()
+        out = {}
+        buf = ctypes.create_string_buffer(1 << 20)
+        for i in range(llama_cpp.llama_model_meta_count(self.ptr)):
+            n = llama_cpp.llama_model_meta_key_by_index(self.ptr, i, buf, len(buf))
+            key = buf.value[:n].decode("utf-8", "replace") if n >= 0 else ""
+            n = llama_cpp.llama_model_meta_val_str_by_index(self.ptr, i, buf, len(buf))
+            out[key] = buf.raw[: min(n, len(buf) - 1)].decode("utf-8", "replace") if n >= 0 else ""
+        return out
+
+    def free(self) -> None:
+        if self.ptr:
+            _llama().llama_model_free(self.ptr)
+            self.ptr = None
+
+
+class LlamaCppBackend(Backend):
+    format = "gguf"
+
+    def __init__(
+        self,
+        model_path: Path,
+        config: ExportConfig,
+        n_threads: int | None = None,
+        *,
+        n_ctx: int = DEFAULT_N_CTX,
+        parity: bool = False,
+        flash_attn: bool = False,
+    ):
+        super().__init__(config, n_threads=n_threads or max(1, os.cpu_count() or 1))
+        llama_cpp = _llama()
+        self.path = Path(model_path)
+        self._model = _Model(self.path)
+        self._ctx = None
+        self._batch = None
+        train_ctx = llama_cpp.llama_model_n_ctx_train(self._model.ptr)
+        self._n_ctx = min(n_ctx, train_ctx) if train_ctx > 0 else n_ctx
+
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = self._n_ctx
+        params.n_batch = self._n_ctx
+        params.n_ubatch = min(512, self._n_ctx)
+        params.n_seq_max = 1
+        params.n_threads = params.n_threads_batch = self.n_threads
+        params.no_perf = True
+        params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn and not parity else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        if parity:
+            params.type_k = params.type_v = llama_cpp.GGML_TYPE_F32
+        self._ctx = llama_cpp.llama_init_from_model(self._model.ptr, params)
+        if not self._ctx:
+            self.close()
+            raise BackendError(f"{self.path}: llama.cpp could not create a context (n_ctx={self._n_ctx}); try a smaller context")
+        self._batch = llama_cpp.llama_batch_init(self._n_ctx, 0, 1)
+        self._n_past = 0
+        logger.debug("llama.cpp: %s loaded, n_ctx=%d, parity=%s", self.path, self._n_ctx, parity)
+
+    # -- primitives --------------------------------------------------------------------------
+    @property
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    @property
+    def n_vocab(self) -> int:
+        return self._model.n_vocab
+
+    def metadata(self) -> dict[str, str]:
+        return self._model.metadata()
+
+    def tokenize(self, text: str, *, special: bool = False) -> list[int]:
+        return tokenize_with(self._model, text, special=special)
+
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        llama_cpp = _llama()
+        pieces = bytearray()
+        buf = ctypes.create_string_buffer(256)
+        for token in token_ids:
+            n = llama_cpp.llama_token_to_piece(self._model.vocab, int(token), buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self._model.vocab, int(token), buf, len(buf), 0, False)
+            pieces += buf.raw[:n]
+        return pieces.decode("utf-8", errors="replace")
+
+    def _clear(self) -> None:
+        llama_cpp = _llama()
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
+        self._n_past = 0
+
+    def _decode(self, token_ids: Sequence[int], all_logits: bool) -> np.ndarray:
+        """Append tokens to the sequence; logits of every new position or of the last one."""
+        llama_cpp = _llama()
+        if self._n_past + len(token_ids) > self._n_ctx:
+            raise BackendError(f"sequence of {self._n_past + len(token_ids)} tokens exceeds the context of {self._n_ctx}")
+        vocab_bad = [t for t in token_ids if not 0 <= int(t) < self.n_vocab]
+        if vocab_bad:
+            raise BackendError(f"token id(s) {vocab_bad[:5]} outside the vocabulary of {self.n_vocab}")
+        batch = self._batch
+        n = len(token_ids)
+        batch.n_tokens = n
+        for i, token in enumerate(token_ids):
+            batch.token[i] = int(token)
+            batch.pos[i] = self._n_past + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 1 if (all_logits or i == n - 1) else 0
+        rc = llama_cpp.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise BackendError(f"{self.path}: llama_decode failed with code {rc}")
+        self._n_past += n
+        rows = range(n) if all_logits else [n - 1]
+        out = np.empty((len(rows), self.n_vocab), dtype=np.float32)
+        for row, i in enumerate(rows):
+            ptr = llama_cpp.llama_get_logits_ith(self._ctx, i)
+            out[row] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return out
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        if not token_ids:
+            raise BackendError("logits of an empty sequence")
+        self._clear()
+        return self._decode(list(token_ids), all_logits=True)
+
+    def _start(self, token_ids: Sequence[int]) -> np.ndarray:
+        self._clear()
+        return self._decode(list(token_ids), all_logits=False)[0]
+
+    def _step(self, token_id: int) -> np.ndarray:
+        return self._decode([token_id], all_logits=False)[0]
+
+    def close(self) -> None:
+        llama_cpp = _llama()
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        self._model.free()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def tokenize_with(model: _Model, text: str, *, special: bool) -> list[int]:
+    llama_cpp = _llama()
+    data = text.encode("utf-8")
+    capacity = len(data) + 8
+    tokens = (llama_cpp.llama_token * capacity)()
+    n = llama_cpp.llama_tokenize(model.vocab, data, len(data), tokens, capacity, False, special)
+    if n < 0:
+        capacity = -n
+        tokens = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(model.vocab, data, len(data), tokens, capacity, False, special)
+        if n < 0:
+            raise BackendError(f"llama.cpp failed to tokenize {text[:40]!r}")
+    return list(tokens[:n])
+
+
+def read_gguf_metadata(path: str | Path) -> dict[str, str]:
+    """All metadata of a GGUF as strings (arrays are summarised by llama.cpp), vocab-only load."""
+    model = _Model(Path(path), vocab_only=True)
+    try:
+        return model.metadata()
+    finally:
+        model.free()
+
+
+def config_from_gguf(path: str | Path) -> ExportConfig:
+    """An ExportConfig for a bare .gguf (no export JSON beside it), from its own metadata."""
+    path = Path(path)
+    meta = read_gguf_metadata(path)
+    arch = meta.get("general.architecture")
+    template = meta.get("tokenizer.chat_template")
+    if not arch or not template:
+        raise BackendError(
+            f"{path}: GGUF has no {'general.architecture' if not arch else 'tokenizer.chat_template'}; "
+            f"re-export it with `packager export gguf` or put its export config beside it"
+        )
+    model = _Model(path, vocab_only=True)
+    try:
+        llama_cpp = _llama()
+        buf = ctypes.create_string_buffer(512)
+
+        def text_of(token: int) -> str:
+            n = llama_cpp.llama_token_to_piece(model.vocab, token, buf, len(buf), 0, True)
+            return buf.raw[:max(n, 0)].decode("utf-8", "replace")
+
+        eos = llama_cpp.llama_vocab_eos(model.vocab)
+        stop = [text_of(eos)] if eos >= 0 else []
+        bos = llama_cpp.llama_vocab_bos(model.vocab)
+        special = {"eos": text_of(eos)} if eos >= 0 else {}
+        if bos >= 0:
+            special["bos"] = text_of(bos)
+    finally:
+        model.free()
+    if not stop:
+        raise BackendError(f"{path}: GGUF defines no end-of-sequence token; re-export it with `packager export gguf`")
+    n_layers = int(meta.get(f"{arch}.block_count", "0"))
+    n_dense = int(meta.get(f"{arch}.leading_dense_block_count", "0"))
+    n_experts = int(meta.get(f"{arch}.expert_count", "0"))
+    top_k = int(meta.get(f"{arch}.expert_used_count", "1"))
+    if n_experts <= 0 or n_layers <= 0:
+        raise BackendError(f"{path}: GGUF is not a mixture-of-experts model ({arch}.expert_count missing)")
+    return ExportConfig(
+        format="gguf",
+        model_files=[path.name],
+        family=arch,
+        prompt_template=template,
+        stop_tokens=stop,
+        special_tokens=special,
+        top_k=top_k,
+        n_experts={layer_idx: n_experts for layer_idx in range(n_dense, n_layers)},
+        quantization={"type": meta.get("general.file_type", "unknown")},
+        parent_fingerprint=meta.get("packager.parent_fingerprint") or None,
+        provenance={"source": "GGUF metadata (no export config beside the file)"},
+    )
