@@ -70,7 +70,13 @@ def cli(verbose: int) -> None:
 
 
 def main() -> None:
-    cli(prog_name="packager")
+    from packager.errors import PackagerError
+
+    try:
+        cli(prog_name="packager")  # click handles its own usage errors and exits
+    except PackagerError as exc:
+        click.echo("error: " + " ".join(str(exc).split()), err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

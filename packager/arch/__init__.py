@@ -1,0 +1,16 @@
+"""Architecture adapters: one JSON description per MoE family (package data), one loader.
+
+    from packager.arch import load_arch, MoEArch, UnsupportedArchitecture
+    arch = load_arch(config_dict)
+"""
+from packager.arch.spec import PER_LAYER_COUNTS_KEY, MoEArch, config_dict, load_arch, supported_families
+from packager.errors import UnsupportedArchitecture
+
+__all__ = [
+    "PER_LAYER_COUNTS_KEY",
+    "MoEArch",
+    "UnsupportedArchitecture",
+    "config_dict",
+    "load_arch",
+    "supported_families",
+]

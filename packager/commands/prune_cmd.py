@@ -1,0 +1,48 @@
+"""`packager prune MODEL --plan PLAN.json --out DIR`."""
+from __future__ import annotations
+
+import click
+
+_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G": 1000**3, "GB": 1000**3,
+          "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
+
+
+class ByteSize(click.ParamType):
+    """`2GB`, `500MiB`, `1000000` -> bytes."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper()
+        number = text.rstrip("KMGIB")
+        unit = text[len(number):]
+        try:
+            nbytes = int(float(number) * _UNITS[unit])
+        except (KeyError, ValueError):
+            self.fail(f"{value!r} is not a size like 2GB or 500MiB", param, ctx)
+        if nbytes < 1:
+            self.fail("size must be positive", param, ctx)
+        return nbytes
+
+
+@click.command("prune")
+@click.argument("model", type=click.Path(file_okay=False, path_type=str))
+@click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False, path_type=str),
+              help="plan JSON: kept expert ids per MoE layer")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), help="output checkpoint directory")
+@click.option("--force", is_flag=True, help="replace the output directory if it exists")
+@click.option("--max-shard-size", "max_shard_bytes", type=ByteSize(), default="2GiB", show_default=True,
+              help="largest output shard")
+@click.option("--hash-inputs/--hash-headers", "hash_inputs", default=None,
+              help="provenance: full sha256 of input shards, or of their headers (default: full up to 2 GiB)")
+def prune_command(model: str, plan_path: str, out_dir: str, force: bool, max_shard_bytes: int,
+                  hash_inputs: bool | None) -> None:
+    """Write a copy of MODEL that keeps only the experts listed in the plan."""
+    from packager.plan_file import Plan
+    from packager.prune import prune_checkpoint
+
+    out = prune_checkpoint(model, Plan.load(plan_path), out_dir, force=force, max_shard_bytes=max_shard_bytes,
+                           hash_inputs=hash_inputs, progress=True)
+    click.echo(f"pruned checkpoint written to {out}")

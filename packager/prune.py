@@ -1,0 +1,256 @@
+"""Streaming expert pruning of a safetensors checkpoint.
+
+Every output tensor is a list of byte ranges of the input files: kept experts (per-expert
+keys renamed to 0..n-1 in ascending original id, or rows of fused tensors with the expert
+dimension first, MXFP4 blocks/scales included) and router rows are copied in the kernel,
+bit for bit, never dequantised, and never held in Python memory. Only config.json and the
+provenance file are rewritten. Peak memory does not grow with the model."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import struct
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from packager import __version__
+from packager.arch import PER_LAYER_COUNTS_KEY, MoEArch, load_arch
+from packager.checkpoint import (
+    CONFIG_NAME,
+    DEFAULT_MAX_SHARD_BYTES,
+    INDEX_NAME,
+    CheckpointReader,
+    CheckpointWriter,
+    atomic_write_json,
+)
+from packager.errors import CheckpointError, OutputExistsError
+from packager.fingerprint import bytes_to_float32, file_sha256, fingerprint_from_parts, model_fingerprint
+from packager.plan_file import Plan, validate_plan
+
+logger = logging.getLogger(__name__)
+
+PROVENANCE_NAME = "pruning.json"
+# Files that are never copied: weights (rewritten) and pickles (never loaded, never shipped).
+_SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_SKIP_NAMES = {CONFIG_NAME, INDEX_NAME, PROVENANCE_NAME}
+# Full sha256 of every input shard up to this size; above it, shard headers are hashed
+# (reading every dropped byte would cost more than the prune itself).
+FULL_HASH_MAX_BYTES = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class _Action:
+    """What happens to one input tensor: output name and the input rows kept (None = all)."""
+
+    out_name: str
+    rows: tuple[int, ...] | None = None
+
+
+def _classify(reader: CheckpointReader, arch: MoEArch, config: dict, keep: dict[int, list[int]]) -> dict[str, _Action | None]:
+    """Action per input tensor (None = dropped). Checks layouts and shapes first."""
+    names = set(reader.names())
+    actions: dict[str, _Action | None] = {}
+    for layer_idx, kept in keep.items():
+        n_experts = arch.n_experts(config, layer_idx)
+        for name in arch.router_tensor_names(layer_idx):
+            if name == arch.router_weight_name(layer_idx) or name in names:
+                info = reader.info(name)
+                if not info.shape or info.shape[0] != n_experts:
+                    raise CheckpointError(
+                        f"{info.path}: {name!r} has shape {list(info.shape)}, expected {n_experts} rows (config.json)"
+                    )
+                actions[name] = _Action(name, tuple(kept))
+        layout = arch.detect_layout(layer_idx, n_experts, names)
+        chosen = set(arch.layout_tensor_names(layout, layer_idx, n_experts))
+        other = [n for other_layout in arch.layouts if other_layout != layout
+                 for n in arch.layout_tensor_names(other_layout, layer_idx, n_experts) if n in names and n not in chosen]
+        if other:
+            raise CheckpointError(
+                f"{reader.model_dir}: layer {layer_idx} mixes expert layouts ({layout} plus {other[0]!r}); "
+                "re-save the checkpoint with one layout"
+            )
+        if layout == "per_expert":
+            new_idx = {expert_idx: i for i, expert_idx in enumerate(kept)}
+            for expert_idx in range(n_experts):
+                new_names = arch.expert_tensor_names(layer_idx, new_idx[expert_idx]) if expert_idx in new_idx else None
+                for role, name in arch.expert_tensor_names(layer_idx, expert_idx).items():
+                    if name in names:
+                        actions[name] = _Action(new_names[role]) if new_names else None
+        else:
+            for role, name in arch.fused_expert_names(layer_idx).items():
+                if name not in names:
+                    continue
+                info = reader.info(name)
+                if not info.shape or info.shape[0] != n_experts:
+                    raise CheckpointError(
+                        f"{info.path}: fused expert tensor {name!r} has shape {list(info.shape)}, "
+                        f"expected the expert dimension first with {n_experts} experts"
+                    )
+                actions[name] = _Action(name, tuple(kept))
+    for name in names:
+        actions.setdefault(name, _Action(name))
+    return actions
+
+
+def _input_hashes(reader: CheckpointReader, hash_inputs: bool | None) -> tuple[str, dict]:
+    shard_bytes = sum(p.stat().st_size for p in reader.shard_paths)
+    full = hash_inputs if hash_inputs is not None else shard_bytes <= FULL_HASH_MAX_BYTES
+    files: dict[str, dict] = {}
+    for path in sorted(reader.model_dir.iterdir()):
+        if not path.is_file():
+            continue
+        entry: dict = {"bytes": path.stat().st_size}
+        if path in reader.shard_paths and not full:
+            with open(path, "rb") as fh:
+                (header_bytes,) = struct.unpack("<Q", fh.read(8))
+                entry["header_sha256"] = hashlib.sha256(fh.read(header_bytes)).hexdigest()
+        else:
+            entry["sha256"] = file_sha256(path)
+        files[path.name] = entry
+    return ("full" if full else "headers"), files
+
+
+def _copy_side_files(model_dir: Path, staging: Path) -> list[str]:
+    copied = []
+    for path in sorted(model_dir.iterdir()):
+        if path.is_file() and path.name not in _SKIP_NAMES and not path.name.endswith(_SKIP_SUFFIXES):
+            shutil.copy2(path, staging / path.name)
+            copied.append(path.name)
+        elif path.is_dir():
+            logger.info("not copying subdirectory %s", path)
+    return copied
+
+
+def _versions() -> dict:
+    versions = {"packager": __version__, "python": platform.python_version()}
+    for module in ("safetensors", "torch", "transformers"):
+        mod = sys.modules.get(module)
+        if mod is not None:
+            versions[module] = getattr(mod, "__version__", "?")
+    return versions
+
+
+def prune_checkpoint(model_dir: str | os.PathLike, plan: Plan | str | os.PathLike, out_dir: str | os.PathLike,
+                     force: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                     hash_inputs: bool | None = None, progress: bool = False) -> Path:
+    """Write a pruned copy of `model_dir` keeping `plan.keep` experts per MoE layer into `out_dir`.
+
+    Everything is validated before anything is written; the output appears atomically."""
+    started = time.monotonic()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    if out_dir.exists() and not force:
+        raise OutputExistsError(f"{out_dir}: output path exists; choose another path or pass --force")
+    if out_dir.absolute() == model_dir.absolute() or model_dir.absolute() in out_dir.absolute().parents:
+        raise OutputExistsError(f"{out_dir}: the output must not be the input model directory or inside it")
+    with CheckpointReader(model_dir) as reader:
+        config = reader.config
+        arch = load_arch(config)
+        parent_fingerprint = model_fingerprint(reader)
+        validate_plan(plan, arch, config, parent_fingerprint)
+        keep = {layer_idx: sorted(ids) for layer_idx, ids in plan.keep.items()}
+        actions = _classify(reader, arch, config, keep)
+        hash_mode, input_files = _input_hashes(reader, hash_inputs)
+
+        counts = {layer_idx: len(ids) for layer_idx, ids in keep.items()}
+        new_config = dict(config)
+        for key, value in arch.config_updates_for_counts(config, counts).items():
+            if value is None:
+                new_config.pop(key, None)
+            else:
+                new_config[key] = value
+        for key in arch.n_experts_keys:
+            logger.info("config: %s = %d", key, new_config[key])
+        if PER_LAYER_COUNTS_KEY in new_config:
+            logger.info("config: %s = %s (non-uniform: load with packager.load_pruned)",
+                        PER_LAYER_COUNTS_KEY, new_config[PER_LAYER_COUNTS_KEY])
+
+        outputs = []  # (out_name, dtype, shape, byte ranges) in input storage order
+        for info in reader.infos():
+            action = actions[info.name]
+            if action is None:
+                continue
+            if action.rows is None:
+                outputs.append((action.out_name, info.dtype, info.shape, [(info.path, info.offset, info.nbytes)]))
+            else:
+                shape = (len(action.rows),) + info.shape[1:]
+                outputs.append((action.out_name, info.dtype, shape, info.row_ranges(action.rows)))
+        kept_bytes = sum(length for *_, ranges in outputs for _, _, length in ranges)
+        with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, force=force) as writer:
+            bar = _progress_bar(progress, kept_bytes)
+            if bar is not None:
+                writer.on_written = lambda nbytes: bar[0].advance(bar[1], nbytes)
+            try:
+                for out_name, dtype, shape, ranges in outputs:
+                    writer.add_ranges(out_name, dtype, shape, ranges)
+                new_fingerprint = _pruned_fingerprint(reader, arch, new_config, keep)
+                atomic_write_json(writer.staging_dir / CONFIG_NAME, new_config)
+                copied = _copy_side_files(model_dir, writer.staging_dir)
+                provenance = {
+                    "format": "edge-packager-pruned",
+                    "version": 1,
+                    "family": arch.family,
+                    "parent_fingerprint": parent_fingerprint,
+                    "model_fingerprint": new_fingerprint,
+                    "plan": {"sha256": plan.sha256(), "file": str(plan.source) if plan.source else None, "meta": plan.meta},
+                    "keep": {str(layer_idx): ids for layer_idx, ids in sorted(keep.items())},
+                    "expert_counts": {str(layer_idx): n for layer_idx, n in sorted(counts.items())},
+                    "uniform": len(set(counts.values())) == 1,
+                    "input": {"dir": str(model_dir.absolute()), "hash_mode": hash_mode, "files": input_files},
+                    "output": {"tensor_bytes": kept_bytes, "input_tensor_bytes": reader.total_bytes,
+                               "max_shard_bytes": max_shard_bytes, "copied_files": copied},
+                    "command": sys.argv,
+                    "versions": _versions(),
+                    "created_unix": int(time.time()),
+                }
+                atomic_write_json(writer.staging_dir / PROVENANCE_NAME, provenance)
+                out = writer.finalize()
+            finally:
+                if bar is not None:
+                    bar[0].stop()
+    logger.info("pruned %s -> %s: %d of %d tensor bytes kept in %.1fs", model_dir, out, kept_bytes,
+                reader.total_bytes, time.monotonic() - started)
+    return out
+
+
+def _pruned_fingerprint(reader: CheckpointReader, arch: MoEArch, new_config: dict, keep: dict[int, list[int]]) -> str:
+    layers = sorted(keep)
+
+    def routers():
+        for layer_idx in layers:
+            info = reader.info(arch.router_weight_name(layer_idx))
+            raw = reader.read_bytes(info.name, rows=keep[layer_idx])
+            yield bytes_to_float32(raw, info.dtype, (len(keep[layer_idx]),) + info.shape[1:])
+
+    return fingerprint_from_parts(arch.family, layers, [len(keep[i]) for i in layers], arch.top_k(new_config), routers())
+
+
+def _progress_bar(enabled: bool, total_bytes: int):
+    if not enabled:
+        return None
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    bar = Progress(TextColumn("prune"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+                   transient=True)
+    task = bar.add_task("prune", total=total_bytes)
+    bar.start()
+    return bar, task
+
+
+def read_provenance(model_dir: str | os.PathLike) -> dict | None:
+    path = Path(model_dir) / PROVENANCE_NAME
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+
+
+__all__ = ["prune_checkpoint", "read_provenance", "PROVENANCE_NAME"]

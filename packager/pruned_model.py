@@ -1,0 +1,63 @@
+"""Loading pruned checkpoints, including non-uniform ones (a different expert count per layer).
+
+Stock transformers configs hold one expert count, so a non-uniform pruned config stores the
+maximum there plus `expert_counts_per_layer`; plain `from_pretrained` then fails on the size
+mismatch (it never random-initialises missing experts). `load_pruned` builds each MoE block
+with its own count and lets transformers load the weights (with all its on-disk conversions:
+per-expert keys, MXFP4 dequantisation, renames), and fails if any weight is missing."""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from pathlib import Path
+
+from packager.arch import PER_LAYER_COUNTS_KEY, load_arch
+from packager.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+
+def _resized_model_class(base_cls, arch, counts: list[int]):
+    """A subclass of `base_cls` whose MoE blocks have the per-layer expert counts."""
+
+    def __init__(self, config, *args, **kwargs):
+        base_cls.__init__(self, config, *args, **kwargs)
+        for layer_idx in arch.moe_layers(config):
+            block_name = arch.moe_block_module(layer_idx)
+            block = self.get_submodule(block_name)
+            if counts[layer_idx] == arch.base_n_experts(config):
+                continue
+            layer_config = copy.deepcopy(config)
+            for key in arch.n_experts_keys:
+                setattr(layer_config, key, counts[layer_idx])
+            parent_name, _, attr = block_name.rpartition(".")
+            setattr(self.get_submodule(parent_name), attr, type(block)(layer_config))
+
+    return type(base_cls.__name__, (base_cls,), {"__init__": __init__, "__module__": base_cls.__module__})
+
+
+def load_pruned(path: str | os.PathLike, **kwargs):
+    """Load a pruned (or any) checkpoint as a transformers causal LM; kwargs go to from_pretrained.
+
+    Uniform checkpoints load with plain `AutoModelForCausalLM.from_pretrained`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    path = Path(path)
+    if kwargs.get("trust_remote_code"):
+        raise ValueError("load_pruned never runs remote code")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    counts = getattr(config, PER_LAYER_COUNTS_KEY, None)
+    if counts is None:
+        return AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+    arch = load_arch(config)
+    if len(counts) != arch.n_layers(config):
+        raise CheckpointError(f"{path / 'config.json'}: {PER_LAYER_COUNTS_KEY} needs one entry per decoder layer")
+    model_cls = _resized_model_class(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], arch, list(counts))
+    model, info = model_cls.from_pretrained(path, config=config, output_loading_info=True, **kwargs)
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys", "unexpected_keys") and v}
+    if problems:
+        raise CheckpointError(f"{path}: pruned checkpoint does not match its per-layer expert counts: {problems}")
+    logger.info("loaded %s with per-layer expert counts %s", path, counts)
+    return model
