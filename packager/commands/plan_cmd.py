@@ -1,0 +1,136 @@
+"""`packager plan create | compare | show`: expert masks from routing statistics."""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from packager.planning import ALLOCATIONS, DIRECTIONS, RANKERS
+from packager.stats import SPANS
+
+
+@click.group("plan")
+def plan_group() -> None:
+    """Decide which experts each MoE layer keeps."""
+
+
+@plan_group.command("create")
+@click.argument("stats_path", metavar="STATS", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--langs", required=True, help="the pack's languages besides English, e.g. 'de,fr'")
+@click.option("--direction", type=click.Choice(DIRECTIONS), default="en-x", show_default=True)
+@click.option("--drop", "drop_ratio", type=float, required=True, help="share of routed experts to drop, in (0, 1)")
+@click.option("--ranker", type=click.Choice(RANKERS), default="routing-mass", show_default=True)
+@click.option("--allocation", type=click.Choice(ALLOCATIONS), default=None,
+              help="per-layer counts [default: dynamic, or uniform with --uniform]")
+@click.option("--uniform", is_flag=True, help="one count for every layer: the only kind stock llama.cpp (GGUF) loads")
+@click.option("--spans", default="sequence", show_default=True,
+              help=f"comma-separated spans whose statistics rank the experts ({', '.join(SPANS)})")
+@click.option("--seed", default=0, show_default=True, type=int, help="seed of the random ranker")
+@click.option("--model", "model_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="check that STATS come from this model")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="overwrite --out if it exists")
+def create_command(stats_path: Path, langs: str, direction: str, drop_ratio: float, ranker: str,
+                   allocation: str | None, uniform: bool, spans: str, seed: int, model_dir: Path | None,
+                   out_path: Path, force: bool) -> None:
+    """Write a plan (kept expert ids per MoE layer) for a language pack."""
+    from packager import __version__
+    from packager.errors import OutputExistsError
+    from packager.fingerprint import file_sha256, model_fingerprint
+    from packager.planning import PlanSettings, make_plan
+    from packager.stats import RoutingStats, StatsError
+
+    if out_path.exists() and not force:
+        raise OutputExistsError(f"{out_path}: already exists: pass --force to overwrite it or choose another --out")
+    stats = RoutingStats.load(stats_path)
+    if model_dir is not None:
+        fingerprint = model_fingerprint(model_dir)
+        if fingerprint != stats.meta["model_fingerprint"]:
+            raise StatsError(f"{stats_path}: statistics come from another model ({stats.meta['model_fingerprint'][:16]}...) "
+                             f"than {model_dir} ({fingerprint[:16]}...): calibrate this model")
+    settings = PlanSettings(
+        langs=tuple(langs.split(",")), direction=direction, drop_ratio=drop_ratio, ranker=ranker,
+        allocation=allocation or ("uniform" if uniform else "dynamic"), seed=seed,
+        spans=tuple(s.strip() for s in spans.split(",")), uniform=uniform,
+    )
+    provenance = {"command": shlex.join(sys.argv), "stats": {"path": str(stats_path), "sha256": file_sha256(stats_path)},
+                  "versions": {"packager": __version__}, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    plan = make_plan(stats, settings, provenance)
+    plan.save(out_path)
+    counts = [len(plan.keep[layer_idx]) for layer_idx in sorted(plan.keep)]
+    click.echo(f"plan written to {out_path}: keeps {sum(counts)} of {plan.meta['total_experts']} experts "
+               f"(drop {plan.meta['drop_ratio_effective']:.4g}), per layer {counts}")
+    if not plan.meta["uniform_counts"]:
+        click.echo("note: per-layer counts differ; ONNX bundles handle this, stock llama.cpp (GGUF) does not: "
+                   "use --uniform for a GGUF plan", err=True)
+
+
+def _n_experts_of(plan, override: int | None) -> int:
+    from packager.errors import PlanError
+
+    n_experts = override or plan.meta.get("n_experts")
+    if not isinstance(n_experts, int):
+        raise PlanError(f"{plan.where}: meta has no 'n_experts' (plans from `packager plan create` do): pass --n-experts")
+    return n_experts
+
+
+@plan_group.command("compare")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--samples", default=4000, show_default=True, type=int, help="draws for the all-together random baseline")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--n-experts", default=None, type=int, help="experts per layer of the parent, if the plans do not say")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
+def compare_command(paths: tuple[Path, ...], samples: int, seed: int, n_experts: int | None, as_json: bool) -> None:
+    """Global IoU of retained (layer, expert) pairs, next to random masks of the same sizes."""
+    from packager.errors import PlanError
+    from packager.plan_file import Plan
+    from packager.planning import compare_keeps
+
+    if len(paths) < 2:
+        raise PlanError("plan compare needs at least two plan files")
+    plans = [Plan.load(path) for path in paths]
+    for plan in plans[1:]:
+        if plan.model_fingerprint != plans[0].model_fingerprint:
+            raise PlanError(f"{plan.where}: made for another model than {plans[0].where}: compare plans of the same model")
+    counts = {_n_experts_of(plan, n_experts) for plan in plans}
+    if len(counts) != 1:
+        raise PlanError(f"plans disagree on the expert count per layer ({sorted(counts)}): compare plans of the same model")
+    per_layer = counts.pop()
+    names = [str(path) for path in paths]
+    report = compare_keeps([plan.keep for plan in plans], names, {layer_idx: per_layer for layer_idx in plans[0].keep},
+                           samples=samples, seed=seed)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    click.echo(f"{'plan A':<30} {'plan B':<30} {'IoU':>7} {'random':>7}")
+    for row in report.pairwise:
+        click.echo(f"{row['a'][-30:]:<30} {row['b'][-30:]:<30} {row['iou']:7.3f} {row['random_iou']:7.3f}")
+    click.echo(f"all {len(plans)} together: IoU {report.all_iou:.3f}, random {report.all_random_iou:.3f} ({report.all_random_method})")
+    click.echo(f"pairwise random baseline: {report.pairwise_random_method}")
+
+
+@plan_group.command("show")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--n-experts", default=None, type=int, help="experts per layer of the parent, if the plan does not say")
+def show_command(path: Path, n_experts: int | None) -> None:
+    """Per-layer kept counts with a small bar view."""
+    from packager.plan_file import Plan
+
+    plan = Plan.load(path)
+    total = _n_experts_of(plan, n_experts)
+    meta = plan.meta
+    click.echo(f"{path}: model {plan.model_fingerprint[:16]}...; ranker {meta.get('ranker')}, allocation {meta.get('allocation')}, "
+               f"drop {meta.get('drop_ratio')}; languages {','.join(meta.get('languages', []))} ({meta.get('direction')})")
+    jsd = meta.get("jsd", {})
+    for layer_idx in sorted(plan.keep):
+        count = len(plan.keep[layer_idx])
+        bar = "█" * count + "·" * max(total - count, 0)
+        extra = f"  jsd {jsd[str(layer_idx)]:.4f}" if str(layer_idx) in jsd else ""
+        click.echo(f"layer {layer_idx:>3}  {count:>4}/{total:<4} {bar}{extra}")
+    kept = sum(len(ids) for ids in plan.keep.values())
+    click.echo(f"kept {kept} of {total * len(plan.keep)} experts; "
+               f"{'one count for every layer (GGUF-loadable)' if plan.is_uniform() else 'per-layer counts differ (ONNX only)'}")
