@@ -77,7 +77,8 @@ class PromptRenderer:
         source_lang, target_lang = parse_language(src), parse_language(tgt)
         try:
             prompt = self._template.render(
-                messages=[{"role": "user", "content": text}],
+                # the language codes also ride on the message, for templates that read them there
+                messages=[{"role": "user", "content": text, "src_lang": source_lang.code, "tgt_lang": target_lang.code}],
                 source_lang=source_lang.code,
                 target_lang=target_lang.code,
                 add_generation_prompt=True,

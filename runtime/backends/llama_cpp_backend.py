@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from collections import deque
 from pathlib import Path
 from typing import Sequence
 
@@ -24,13 +25,44 @@ GGUF_MAGIC = b"GGUF"
 DEFAULT_N_CTX = 2048
 
 
-def _llama():
+_LOG_CALLBACK = None  # keeps the ctypes callback alive while llama.cpp holds it
+_ERRORS: deque[str] = deque(maxlen=4)  # llama.cpp's last error lines, quoted in our errors
+GGML_LOG_LEVEL_ERROR = 4  # ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT
+
+
+def _last_llama_error() -> str:
+    """The most telling recent llama.cpp error line ('' if none)."""
+    for line in reversed(_ERRORS):
+        if "error loading model" in line or "check_tensor" in line:
+            return line.split("error loading model:", 1)[-1].strip()
+    return _ERRORS[-1] if _ERRORS else ""
+
+
+def _route_llama_log(llama_cpp) -> None:
+    """llama.cpp's own log goes to this module's logger at debug level (-vv shows it), not to
+    stderr: its warnings are about internals, and our errors are raised as BackendError."""
+    global _LOG_CALLBACK
+    if _LOG_CALLBACK is not None:
+        return
+
+    @llama_cpp.llama_log_callback
+    def callback(level, text, user_data):
+        line = text.decode("utf-8", "replace").rstrip()
+        if level == GGML_LOG_LEVEL_ERROR and line:
+            _ERRORS.append(line)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("llama.cpp: %s", line)
+
+    _LOG_CALLBACK = callback
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+def llama_module():
     try:
         import llama_cpp
     except ImportError as exc:  # pragma: no cover - base dependency
         raise BackendError(f"llama-cpp-python is not installed ({exc}); pip install llama-cpp-python") from None
-    # its log callback prints every llama.cpp line unless this logger says otherwise
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR if not logger.isEnabledFor(logging.DEBUG) else logging.DEBUG)
+    _route_llama_log(llama_cpp)
     return llama_cpp
 
 
@@ -51,24 +83,26 @@ class _Model:
     """Owns a llama_model pointer."""
 
     def __init__(self, path: Path, *, vocab_only: bool = False):
-        llama_cpp = _llama()
+        llama_cpp = llama_module()
         check_gguf_header(path)
         llama_cpp.llama_backend_init()
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = 0
         params.vocab_only = vocab_only
         params.use_mmap = True
+        _ERRORS.clear()
         self.ptr = llama_cpp.llama_model_load_from_file(str(path).encode("utf-8"), params)
         if not self.ptr:
+            reason = _last_llama_error()
             raise BackendError(
-                f"{path}: llama.cpp could not load this GGUF (truncated, corrupt, or an architecture "
-                f"this llama.cpp does not know); run with -v for llama.cpp's log"
+                f"{path}: llama.cpp could not load this GGUF ({reason or 'truncated, corrupt, or an unknown architecture'}); "
+                f"re-export it with `packager export gguf`"
             )
         self.vocab = llama_cpp.llama_model_get_vocab(self.ptr)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
 
     def metadata(self) -> dict[str, str]:
-        llama_cpp = _llama()
+        llama_cpp = llama_module()
         out = {}
         buf = ctypes.create_string_buffer(1 << 20)
         for i in range(llama_cpp.llama_model_meta_count(self.ptr)):
@@ -80,7 +114,7 @@ class _Model:
 
     def free(self) -> None:
         if self.ptr:
-            _llama().llama_model_free(self.ptr)
+            llama_module().llama_model_free(self.ptr)
             self.ptr = None
 
 
@@ -98,7 +132,7 @@ class LlamaCppBackend(Backend):
         flash_attn: bool = False,
     ):
         super().__init__(config, n_threads=n_threads or max(1, os.cpu_count() or 1))
-        llama_cpp = _llama()
+        llama_cpp = llama_module()
         self.path = Path(model_path)
         self._model = _Model(self.path)
         self._ctx = None
@@ -142,7 +176,7 @@ class LlamaCppBackend(Backend):
         return tokenize_with(self._model, text, special=special)
 
     def detokenize(self, token_ids: Sequence[int]) -> str:
-        llama_cpp = _llama()
+        llama_cpp = llama_module()
         pieces = bytearray()
         buf = ctypes.create_string_buffer(256)
         for token in token_ids:
@@ -154,13 +188,13 @@ class LlamaCppBackend(Backend):
         return pieces.decode("utf-8", errors="replace")
 
     def _clear(self) -> None:
-        llama_cpp = _llama()
+        llama_cpp = llama_module()
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
         self._n_past = 0
 
     def _decode(self, token_ids: Sequence[int], all_logits: bool) -> np.ndarray:
         """Append tokens to the sequence; logits of every new position or of the last one."""
-        llama_cpp = _llama()
+        llama_cpp = llama_module()
         if self._n_past + len(token_ids) > self._n_ctx:
             raise BackendError(f"sequence of {self._n_past + len(token_ids)} tokens exceeds the context of {self._n_ctx}")
         vocab_bad = [t for t in token_ids if not 0 <= int(t) < self.n_vocab]
@@ -200,7 +234,7 @@ class LlamaCppBackend(Backend):
         return self._decode([token_id], all_logits=False)[0]
 
     def close(self) -> None:
-        llama_cpp = _llama()
+        llama_cpp = llama_module()
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
@@ -217,7 +251,7 @@ class LlamaCppBackend(Backend):
 
 
 def tokenize_with(model: _Model, text: str, *, special: bool) -> list[int]:
-    llama_cpp = _llama()
+    llama_cpp = llama_module()
     data = text.encode("utf-8")
     capacity = len(data) + 8
     tokens = (llama_cpp.llama_token * capacity)()
@@ -253,7 +287,7 @@ def config_from_gguf(path: str | Path) -> ExportConfig:
         )
     model = _Model(path, vocab_only=True)
     try:
-        llama_cpp = _llama()
+        llama_cpp = llama_module()
         buf = ctypes.create_string_buffer(512)
 
         def text_of(token: int) -> str:

@@ -1,0 +1,433 @@
+"""Hugging Face MoE checkpoint (parent or pruned) -> GGUF for stock llama.cpp.
+
+Streaming: tensor infos are declared first, then every tensor is read (memory-mapped),
+converted and written one at a time; stacked expert tensors are written expert by expert,
+so peak memory is about one expert matrix, never the model. The file appears atomically
+(temporary sibling, fsync, rename) with its export config `FILE.export.json` beside it.
+
+What is written: architecture hyperparameters, one expert count (llama.cpp reads one per
+model, so non-uniform pruned checkpoints are refused with the way out), stacked expert
+tensors renumbered 0..n-1 in kept order, routers as F32 (so the model fingerprint can be
+computed from the GGUF), the byte-level BPE tokenizer, the chat template, and provenance
+(`packager.*` keys: model and parent fingerprints, plan, version, input hashes).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from converters.gguf.errors import GGUFExportError
+from converters.gguf.families import (
+    HEAD_DIM, KEY_FAMILY, KEY_FINGERPRINT, KEY_MOE_LAYERS, KEY_PARENT_FINGERPRINT, KEY_PLAN, KEY_SOURCE, KEY_VERSION,
+    N_EXPERTS, ROPE_THETA, TOP_K, GGUFFamily, gguf_family,
+)
+from converters.gguf.vocab import GGUFVocab, read_vocab
+from packager import __version__
+from packager.arch import PER_LAYER_COUNTS_KEY, MoEArch, load_arch
+from packager.checkpoint import CheckpointReader
+from packager.errors import OutputExistsError
+from packager.fingerprint import bytes_to_float32, file_sha256, model_fingerprint
+from packager.prune import read_provenance
+
+logger = logging.getLogger(__name__)
+
+DTYPES = ("f32", "f16")
+
+
+
+@dataclass
+class PlannedTensor:
+    """One GGUF tensor: its numpy-order shape, output dtype and a writer of its data."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunks: Callable[[], Iterator[np.ndarray]]   # yields arrays whose bytes concatenate to the tensor
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+
+class _Streamed:
+    """Stands in for a numpy array in GGUFWriter.write_tensor_data (which only uses `nbytes`
+    and `tofile`), so a stacked tensor never exists in memory as a whole."""
+
+    def __init__(self, planned: PlannedTensor, on_bytes: Callable[[int], None] | None):
+        self.planned = planned
+        self.nbytes = planned.nbytes
+        self.on_bytes = on_bytes
+
+    def tofile(self, fout) -> None:
+        written = 0
+        for chunk in self.planned.chunks():
+            chunk = np.ascontiguousarray(chunk, dtype=self.planned.dtype.newbyteorder("<"))
+            chunk.tofile(fout)
+            written += chunk.nbytes
+            if self.on_bytes:
+                self.on_bytes(chunk.nbytes)
+        if written != self.nbytes:
+            raise GGUFExportError(f"tensor {self.planned.name!r}: wrote {written} bytes, expected {self.nbytes}")
+
+
+def quantized_path(out_file: str | Path, quant: str) -> Path:
+    """FILE.gguf -> FILE.Q4_K_M.gguf"""
+    out_file = Path(out_file)
+    return out_file.with_name(f"{out_file.stem}.{quant}{out_file.suffix}")
+
+
+# -------------------------------------------------------------------------------- checks
+def _config_value(config: dict, source: str, n_experts: int, top_k: int):
+    if source == N_EXPERTS:
+        return n_experts
+    if source == TOP_K:
+        return top_k
+    if source == HEAD_DIM:
+        return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if source == ROPE_THETA:
+        rope = config.get("rope_parameters") or {}
+        return rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    return config.get(source)
+
+
+def _check_supported(model_dir: Path, config: dict, arch: MoEArch, fam: GGUFFamily) -> None:
+    where = model_dir / "config.json"
+    if PER_LAYER_COUNTS_KEY in config and not arch.is_uniform(config):
+        counts = {layer_idx: arch.n_experts(config, layer_idx) for layer_idx in arch.moe_layers(config)}
+        raise GGUFExportError(
+            f"{where}: this pruned model keeps different expert counts per layer {counts}, but stock llama.cpp "
+            f"reads one expert count per model and would not load it; make a uniform plan "
+            f"(`packager plan create ... --uniform`) and prune again, or export to ONNX (`packager export onnx`)"
+        )
+    for key, wanted in fam.requires.items():
+        value = config.get(key, wanted)
+        if value != wanted:
+            raise GGUFExportError(
+                f"{where}: {key}={value!r}, but llama.cpp's {fam.gguf_arch} graph assumes {key}={wanted!r}; "
+                f"the GGUF would compute a different model. Export to ONNX instead"
+            )
+    for key in fam.requires_absent:
+        if config.get(key) not in (None, 0, False):
+            raise GGUFExportError(f"{where}: {key}={config[key]!r} is not supported by llama.cpp's {fam.gguf_arch} export here")
+    for key, other in fam.requires_equal:
+        if config.get(key, config.get(other)) != config.get(other):
+            raise GGUFExportError(
+                f"{where}: {key}={config.get(key)!r} differs from {other}={config.get(other)!r}, which llama.cpp's "
+                f"{fam.gguf_arch} graph requires to be equal; export to ONNX instead"
+            )
+    for key, other in fam.requires_equal:
+        if config.get(key, config.get(other)) != config.get(other):
+            raise GGUFExportError(
+                f"{where}: {key}={config.get(key)!r} differs from {other}={config.get(other)!r}, which llama.cpp's "
+                f"{fam.gguf_arch} graph requires to be equal; export to ONNX instead"
+            )
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise GGUFExportError(f"{where}: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported by this GGUF export")
+    n_layers = arch.n_layers(config)
+    if fam.all_layers_moe and arch.moe_layers(config) != list(range(n_layers)):
+        dense = sorted(set(range(n_layers)) - set(arch.moe_layers(config)))
+        raise GGUFExportError(
+            f"{where}: layers {dense} are dense MLP layers, which llama.cpp's {fam.gguf_arch} graph does not have; "
+            f"export to ONNX instead"
+        )
+
+
+# -------------------------------------------------------------------------------- tensors
+def _reader_array(reader: CheckpointReader, name: str) -> np.ndarray:
+    info = reader.info(name)
+    try:
+        return bytes_to_float32(reader.read_bytes(name), info.dtype, info.shape)
+    except Exception as exc:  # CheckpointError for int / fp8 tensors
+        raise GGUFExportError(f"{reader.model_dir}: tensor {name!r} ({info.dtype}) cannot be exported: {exc}") from None
+
+
+def _permute_rope_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """HF rotary pairs (i, i + d/2) -> llama.cpp's adjacent pairs (2i, 2i + 1), per head."""
+    rows = weight.shape[0]
+    return weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _out_dtype(array_ndim: int, dtype: str, keep_f32: bool) -> np.dtype:
+    if keep_f32 or array_ndim < 2 or dtype == "f32":
+        return np.dtype(np.float32)
+    return np.dtype(np.float16)
+
+
+def plan_tensors(reader: CheckpointReader, config: dict, arch: MoEArch, fam: GGUFFamily, dtype: str) -> list[PlannedTensor]:
+    """Every GGUF tensor with its producer; refuses checkpoints with tensors it cannot place."""
+    present = set(reader.names())
+    used: set[str] = set()
+    planned: list[PlannedTensor] = []
+    n_head, n_head_kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+
+    def plain(hf_name: str, gguf_name: str, keep_f32: bool = False, transform=None) -> None:
+        info = reader.info(hf_name)
+        shape = tuple(info.shape)
+        out = _out_dtype(len(shape), dtype, keep_f32)
+
+        def chunks(hf_name=hf_name, transform=transform):
+            array = _reader_array(reader, hf_name)
+            yield transform(array) if transform else array
+
+        planned.append(PlannedTensor(gguf_name, shape, out, chunks))
+        used.add(hf_name)
+
+    def mapped(table: dict[str, str], layer_idx: int | None) -> None:
+        for hf_name, gguf_name in table.items():
+            if hf_name not in present:
+                if fam.is_optional(hf_name, layer_idx):
+                    continue
+                raise GGUFExportError(f"{reader.model_dir}: tensor {hf_name!r} is missing; the checkpoint is incomplete")
+            transform = None
+            if fam.permute_qk and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+                heads = n_head if hf_name.endswith("q_proj.weight") else n_head_kv
+                transform = lambda a, heads=heads: _permute_rope_rows(a, heads)  # noqa: E731
+            plain(hf_name, gguf_name, transform=transform)
+
+    mapped(fam.global_tensors(), None)
+    for layer_idx in range(arch.n_layers(config)):
+        mapped(fam.layer_tensors(layer_idx), layer_idx)
+        if layer_idx not in arch.moe_layers(config):
+            continue
+        n_experts = arch.n_experts(config, layer_idx)
+        plain(arch.router_weight_name(layer_idx), fam.router_name(layer_idx), keep_f32=True)
+        for hf_name, gguf_name in (
+            (arch.router_bias_name(layer_idx), fam.router_bias_name(layer_idx)),
+            (arch.score_bias_name(layer_idx), fam.score_bias_name(layer_idx)),
+        ):
+            if hf_name and hf_name in present:
+                if not gguf_name:
+                    raise GGUFExportError(f"{reader.model_dir}: {hf_name!r} has no GGUF tensor in family {fam.family}")
+                plain(hf_name, gguf_name, keep_f32=True)
+        layout = arch.detect_layout(layer_idx, n_experts, present)
+        if layout != "per_expert":
+            raise GGUFExportError(
+                f"{reader.model_dir}: layer {layer_idx} stores experts in the {layout!r} layout, which the GGUF "
+                f"export of {fam.family} does not read yet (per-expert tensors only)"
+            )
+        for role, gguf_name in fam.expert_names(layer_idx).items():
+            names = [arch.expert_tensor_names(layer_idx, expert_idx)[role] for expert_idx in range(n_experts)]
+            first = reader.info(names[0])
+            for name in names[1:]:
+                if reader.info(name).shape != first.shape:
+                    raise GGUFExportError(f"{reader.model_dir}: expert tensor {name!r} has shape {reader.info(name).shape}, expected {first.shape}")
+
+            def chunks(names=names):
+                for name in names:
+                    yield _reader_array(reader, name)
+
+            planned.append(PlannedTensor(gguf_name, (n_experts, *first.shape), _out_dtype(3, dtype, False), chunks))
+            used.update(names)
+
+    leftovers = sorted(present - used)
+    if leftovers:
+        shown = ", ".join(repr(n) for n in leftovers[:4])
+        raise GGUFExportError(
+            f"{reader.model_dir}: {len(leftovers)} tensor(s) have no place in a {fam.gguf_arch} GGUF "
+            f"({shown}{' ...' if len(leftovers) > 4 else ''}); this checkpoint differs from the {fam.family} layout llama.cpp runs"
+        )
+    return planned
+
+
+# -------------------------------------------------------------------------------- metadata
+def _add_metadata(writer, config: dict, arch: MoEArch, fam: GGUFFamily, vocab: GGUFVocab, n_experts: int,
+                  dtype: str, provenance: dict, name: str) -> None:
+    from gguf import GGUFValueType, LlamaFileType
+
+    writer.add_name(name)
+    writer.add_file_type(LlamaFileType.ALL_F32 if dtype == "f32" else LlamaFileType.MOSTLY_F16)
+    top_k = arch.top_k(config)
+    for suffix, kind, source in fam.hparams:
+        value = _config_value(config, source, n_experts, top_k)
+        if value is None:
+            raise GGUFExportError(f"config.json: {source!r} is needed for {fam.key(suffix)} but is missing")
+        if kind == "u32":
+            writer.add_uint32(fam.key(suffix), int(value))
+        else:
+            writer.add_float32(fam.key(suffix), float(value))
+        logger.info("gguf: %s = %s", fam.key(suffix), value)
+
+    writer.add_tokenizer_model(vocab.model)
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.token_types)
+    writer.add_token_merges(vocab.merges)
+    setters = {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id, "pad": writer.add_pad_token_id,
+               "unk": writer.add_unk_token_id, "sep": writer.add_sep_token_id}
+    for role, token_id in vocab.special_ids.items():
+        setters[role](token_id)
+    # prompts are rendered from the chat template, which places <bos> itself
+    writer.add_add_bos_token(False)
+    writer.add_add_eos_token(False)
+    if vocab.chat_template:
+        writer.add_chat_template(vocab.chat_template)
+
+    writer.add_string(KEY_VERSION, __version__)
+    writer.add_string(KEY_FAMILY, arch.family)
+    writer.add_string(KEY_FINGERPRINT, provenance["model_fingerprint"])
+    if provenance.get("parent_fingerprint"):
+        writer.add_string(KEY_PARENT_FINGERPRINT, provenance["parent_fingerprint"])
+    if provenance.get("plan"):
+        writer.add_string(KEY_PLAN, json.dumps(provenance["plan"], sort_keys=True))
+    writer.add_array(KEY_MOE_LAYERS, arch.moe_layers(config))
+    writer.add_key_value(KEY_SOURCE, json.dumps(provenance["source"], sort_keys=True), GGUFValueType.STRING)
+
+
+def _input_hashes(model_dir: Path, reader: CheckpointReader, hash_inputs: bool) -> dict:
+    files = {}
+    for path in sorted({info.path for info in reader.infos()} | {reader.config_path}):
+        entry = {"bytes": path.stat().st_size}
+        if hash_inputs:
+            entry["sha256"] = file_sha256(path)
+        files[str(path.relative_to(model_dir))] = entry
+    for side in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (model_dir / side).is_file():
+            files[side] = {"bytes": (model_dir / side).stat().st_size, "sha256": file_sha256(model_dir / side)}
+    return files
+
+
+def _versions() -> dict:
+    import gguf
+
+    versions = {"packager": __version__, "gguf": getattr(gguf, "__version__", "0.19.0")}
+    try:
+        import llama_cpp
+
+        versions["llama_cpp_python"] = llama_cpp.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+# -------------------------------------------------------------------------------- main entry
+def export_gguf(
+    model_dir: str | os.PathLike,
+    out_file: str | os.PathLike,
+    quant: list[str] | str | None = None,
+    *,
+    dtype: str = "f16",
+    force: bool = False,
+    hash_inputs: bool = True,
+    progress: bool = False,
+    n_threads: int | None = None,
+) -> Path:
+    """Write `out_file` (GGUF, weights at `dtype`) and `FILE.export.json`; with `quant`
+    (e.g. ["Q8_0", "Q4_K_M"]) also FILE.<QUANT>.gguf for each type, through llama.cpp's
+    quantizer. Returns `out_file`."""
+    from gguf import GGUFWriter
+
+    from converters.gguf.quantize import parse_quant_types, quantize_gguf
+    from runtime.atomic import fsync_dir
+
+    started = time.monotonic()
+    model_dir, out_file = Path(model_dir), Path(out_file)
+    if dtype not in DTYPES:
+        raise GGUFExportError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    quant_types = parse_quant_types(quant)
+    if out_file.suffix != ".gguf":
+        raise GGUFExportError(f"{out_file}: the output file name must end in .gguf")
+    targets = [out_file] + [quantized_path(out_file, q) for q in quant_types]
+    for target in targets:
+        if target.exists() and not force:
+            raise OutputExistsError(f"{target}: output file exists; choose another path or pass --force")
+    if not out_file.parent.is_dir():
+        raise GGUFExportError(f"{out_file.parent}: output directory does not exist")
+
+    with CheckpointReader(model_dir) as reader:
+        config = reader.config
+        arch = load_arch(config)
+        fam = gguf_family(arch.family)
+        _check_supported(model_dir, config, arch, fam)
+        moe_layers = arch.moe_layers(config)
+        n_experts = arch.n_experts(config, moe_layers[0])
+        vocab = read_vocab(model_dir, int(config["vocab_size"]))
+        if not vocab.chat_template:
+            raise GGUFExportError(f"{model_dir}: no chat template (chat_template.jinja); the runtime needs it to build prompts")
+        tensors = plan_tensors(reader, config, arch, fam, dtype)
+
+        fingerprint = model_fingerprint(reader)
+        pruned = read_provenance(model_dir) or {}
+        parent_fingerprint = pruned.get("parent_fingerprint", fingerprint)
+        plan_summary = None
+        if pruned:
+            plan_summary = {"sha256": pruned.get("plan", {}).get("sha256"), "meta": pruned.get("plan", {}).get("meta", {}),
+                            "keep": pruned.get("keep")}
+        source = {
+            "model_dir": str(model_dir.absolute()),
+            "files": _input_hashes(model_dir, reader, hash_inputs),
+            "command": sys.argv,
+            "versions": _versions(),
+            "created_unix": int(time.time()),
+            "dtype": dtype,
+        }
+        provenance = {"model_fingerprint": fingerprint, "parent_fingerprint": parent_fingerprint,
+                      "plan": plan_summary, "source": source}
+
+        tmp = out_file.with_name(f".{out_file.name}.{os.getpid()}.tmp")
+        writer = GGUFWriter(tmp, fam.gguf_arch)
+        try:
+            _add_metadata(writer, config, arch, fam, vocab, n_experts, dtype, provenance, model_dir.name)
+            for tensor in tensors:
+                from gguf import GGMLQuantizationType
+
+                raw = GGMLQuantizationType.F32 if tensor.dtype == np.float32 else GGMLQuantizationType.F16
+                writer.add_tensor_info(tensor.name, tensor.shape, tensor.dtype, tensor.nbytes, raw_dtype=raw)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            total = sum(t.nbytes for t in tensors)
+            with _progress(progress, total, f"export {out_file.name}") as advance:
+                from gguf import GGUFEndian
+
+                for tensor in tensors:
+                    writer.write_tensor_data(_Streamed(tensor, advance), tensor_endianess=GGUFEndian.LITTLE)
+            for fout in writer.fout:
+                fout.flush()
+                os.fsync(fout.fileno())
+            writer.close()
+            os.replace(tmp, out_file)
+            fsync_dir(out_file.parent)
+        except BaseException:
+            writer.close()
+            tmp.unlink(missing_ok=True)
+            raise
+    logger.info("gguf: wrote %s (%d tensors, %.1f MB) in %.1fs", out_file, len(tensors), out_file.stat().st_size / 1e6,
+                time.monotonic() - started)
+
+    from converters.gguf.export_config import write_export_config
+
+    write_export_config(out_file, {"type": dtype.upper()})
+    for quant_type in quant_types:
+        quantize_gguf(out_file, quantized_path(out_file, quant_type), quant_type, force=force, n_threads=n_threads)
+    return out_file
+
+
+class _progress:
+    """rich progress over bytes written (no-op when disabled)."""
+
+    def __init__(self, enabled: bool, total: int, label: str):
+        self.enabled, self.total, self.label = enabled, total, label
+        self.bar = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn(self.label), BarColumn(), DownloadColumn(), TimeRemainingColumn(), transient=True)
+        task = self.bar.add_task(self.label, total=self.total)
+        self.bar.start()
+        return lambda nbytes: self.bar.advance(task, nbytes)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
