@@ -263,14 +263,20 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_kernel_copy = {"available": hasattr(os, "copy_file_range")}
+
+
 def copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
     """Append `length` bytes at `offset` of src to dst's current position, in the kernel if possible."""
     remaining = length
     while remaining:
-        try:
-            done = os.copy_file_range(src_fd, dst_fd, remaining, offset)
-        except OSError:
-            done = -1
+        done = -1
+        if _kernel_copy["available"]:
+            try:
+                done = os.copy_file_range(src_fd, dst_fd, remaining, offset)
+            except OSError as exc:
+                logger.debug("copy_file_range unavailable (%s): copying through user space", exc)
+                _kernel_copy["available"] = False
         if done <= 0:  # no kernel copy (other filesystem, old kernel): plain reads
             chunk = os.pread(src_fd, min(remaining, 16 * 1024**2), offset)
             if not chunk:
@@ -425,21 +431,34 @@ class CheckpointWriter:
         raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         sources: dict[Path, int] = {}
+        run: list = []  # [src, offset, length]: adjacent source ranges are copied in one call
+
+        def copy_run() -> None:
+            if run:
+                if run[0] not in sources:
+                    sources[run[0]] = os.open(run[0], os.O_RDONLY)
+                copy_range(sources[run[0]], fd, run[1], run[2])
+                run.clear()
+
         try:
             os.write(fd, struct.pack("<Q", len(raw)) + raw)
             for item in self._pending:
                 if item.data is not None:
+                    copy_run()
                     view = memoryview(item.data)
                     while view:
                         view = view[os.write(fd, view):]
                 else:
                     for src, src_offset, length in item.ranges:
-                        if src not in sources:
-                            sources[src] = os.open(src, os.O_RDONLY)
-                        copy_range(sources[src], fd, src_offset, length)
+                        if run and run[0] == src and run[1] + run[2] == src_offset:
+                            run[2] += length
+                        else:
+                            copy_run()
+                            run.extend((src, src_offset, length))
                 self.bytes_written += item.nbytes
                 if self.on_written is not None:
                     self.on_written(item.nbytes)
+            copy_run()
             os.fsync(fd)
         finally:
             os.close(fd)

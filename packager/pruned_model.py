@@ -48,6 +48,16 @@ def load_pruned(path: str | os.PathLike, **kwargs):
     if kwargs.get("trust_remote_code"):
         raise ValueError("load_pruned never runs remote code")
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    quantization = getattr(config, "quantization_config", None) or {}
+    if isinstance(quantization, dict) and quantization.get("quant_method") == "mxfp4" and "quantization_config" not in kwargs:
+        import importlib.util
+
+        if importlib.util.find_spec("accelerate") is None:
+            from transformers import Mxfp4Config
+
+            # without accelerate/kernels transformers can only run MXFP4 experts dequantised
+            logger.info("%s: MXFP4 experts are dequantised on load", path)
+            kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
     counts = getattr(config, PER_LAYER_COUNTS_KEY, None)
     if counts is None:
         return AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)

@@ -306,3 +306,27 @@ def test_kill_midway_leaves_no_output(parents, tmp_path):
     # the next run removes the dead run's staging directory and succeeds
     prune_checkpoint(parent_dir, Plan.load(plan_path), out_root / "pruned")
     assert [p.name for p in out_root.iterdir()] == ["pruned"]
+
+
+def test_nonuniform_tied_embeddings_save_and_reload(tmp_path):
+    """A non-uniform model loaded with load_pruned can be saved (e.g. after distillation) and reloaded."""
+    parent_dir = build_tiny("qwen3_moe", tmp_path / "tied", tie_word_embeddings=True, num_hidden_layers=3)
+    config = _config(parent_dir)
+    arch = load_arch(config)
+    keep = {0: [0, 1, 2, 3, 4, 5], 1: [2, 6], 2: [1, 3, 5, 7]}
+    out_dir = prune_checkpoint(parent_dir, Plan(model_fingerprint(parent_dir), keep), tmp_path / "pruned")
+    pruned = load_pruned(out_dir, dtype=torch.float32).eval()
+    assert pruned.lm_head.weight.data_ptr() == pruned.model.embed_tokens.weight.data_ptr()
+    parent = _load(parent_dir)
+    x = _inputs()
+    with torch.no_grad(), expert_mask(parent, keep):
+        masked = parent(x).logits
+    with torch.no_grad():
+        logits = pruned(x).logits
+    assert (logits - masked).abs().max().item() <= TOLERANCE
+    pruned.save_pretrained(tmp_path / "resaved")
+    assert _config(tmp_path / "resaved")[PER_LAYER_COUNTS_KEY] == [6, 2, 4]
+    assert model_fingerprint(tmp_path / "resaved") == model_fingerprint(out_dir)
+    again = load_pruned(tmp_path / "resaved", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, logits)
