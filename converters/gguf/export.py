@@ -27,7 +27,7 @@ import numpy as np
 from converters.gguf.errors import GGUFExportError
 from converters.gguf.families import (
     HEAD_DIM, KEY_FAMILY, KEY_FINGERPRINT, KEY_MOE_LAYERS, KEY_PARENT_FINGERPRINT, KEY_PLAN, KEY_SOURCE, KEY_VERSION,
-    N_EXPERTS, ROPE_THETA, TOP_K, GGUFFamily, gguf_family,
+    N_EXPERTS, ROPE_FACTOR, ROPE_ORIGINAL_CONTEXT, ROPE_THETA, ROPE_TYPE, TOP_K, FusedPart, GGUFFamily, gguf_family,
 )
 from converters.gguf.vocab import GGUFVocab, read_vocab
 from packager import __version__
@@ -92,9 +92,15 @@ def _config_value(config: dict, source: str, n_experts: int, top_k: int):
         return top_k
     if source == HEAD_DIM:
         return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if source == ROPE_THETA:
-        rope = config.get("rope_parameters") or {}
         return rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    if source == ROPE_TYPE:
+        return rope.get("rope_type", rope.get("type"))
+    if source == ROPE_FACTOR:
+        return rope.get("factor")
+    if source == ROPE_ORIGINAL_CONTEXT:
+        return rope.get("original_max_position_embeddings")
     return config.get(source)
 
 
@@ -130,8 +136,17 @@ def _check_supported(model_dir: Path, config: dict, arch: MoEArch, fam: GGUFFami
                 f"{fam.gguf_arch} graph requires to be equal; export to ONNX instead"
             )
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise GGUFExportError(f"{where}: rope scaling {rope.get('rope_type', rope.get('type'))!r} is not supported by this GGUF export")
+    rope_type = rope.get("rope_type", rope.get("type")) or "default"
+    if rope_type not in fam.rope_types:
+        raise GGUFExportError(
+            f"{where}: rope type {rope_type!r} is not supported by the {fam.gguf_arch} GGUF export (expected "
+            f"{' or '.join(fam.rope_types)})"
+        )
+    if rope_type == "yarn" and rope.get("truncate", True) is False:
+        # llama.cpp always rounds YaRN's correction range (transformers' truncate=True)
+        logger.warning(
+            "%s: rope yarn with truncate=false: llama.cpp rounds the YaRN correction range, so its logits differ "
+            "slightly from transformers (as for every GGUF of this model)", where)
     n_layers = arch.n_layers(config)
     if fam.all_layers_moe and arch.moe_layers(config) != list(range(n_layers)):
         dense = sorted(set(range(n_layers)) - set(arch.moe_layers(config)))
@@ -160,6 +175,69 @@ def _out_dtype(array_ndim: int, dtype: str, keep_f32: bool) -> np.dtype:
     if keep_f32 or array_ndim < 2 or dtype == "f32":
         return np.dtype(np.float32)
     return np.dtype(np.float16)
+
+
+def _per_expert_tensors(reader, arch, fam, layer_idx, n_experts, dtype, used) -> list[PlannedTensor]:
+    """Per-expert keys, stacked in expert order 0..n-1 (the kept order after pruning)."""
+    planned = []
+    gguf_names = fam.expert_names(layer_idx)
+    for role in arch.expert_tensor_names(layer_idx, 0):
+        names = [arch.expert_tensor_names(layer_idx, expert_idx)[role] for expert_idx in range(n_experts)]
+        first = reader.info(names[0])
+        for name in names[1:]:
+            if reader.info(name).shape != first.shape:
+                raise GGUFExportError(f"{reader.model_dir}: expert tensor {name!r} has shape {reader.info(name).shape}, expected {first.shape}")
+
+        def chunks(names=names):
+            for name in names:
+                yield _reader_array(reader, name)
+
+        planned.append(PlannedTensor(gguf_names[role], (n_experts, *first.shape), _out_dtype(3, dtype, False), chunks))
+        used.update(names)
+    return planned
+
+
+def _take_part(array: np.ndarray, part: FusedPart) -> np.ndarray:
+    if part.split is not None:
+        size = array.shape[part.axis]
+        index = {"first_half": slice(0, size // 2), "second_half": slice(size // 2, size),
+                 "even": slice(0, size, 2), "odd": slice(1, size, 2)}[part.split]
+        array = array[(slice(None),) * part.axis + (index,)]
+    return array.T if part.transpose else array
+
+
+def _part_shape(shape: tuple[int, ...], part: FusedPart) -> tuple[int, ...]:
+    shape = list(shape)
+    if part.split is not None:
+        shape[part.axis] //= 2
+    return tuple(reversed(shape)) if part.transpose else tuple(shape)
+
+
+def _fused_tensors(reader, arch, fam, layer_idx, n_experts, dtype, used) -> list[PlannedTensor]:
+    """Fused [E, ...] tensors, read expert by expert (row ranges) and cut into GGUF roles."""
+    planned = []
+    fused_names = arch.fused_expert_names(layer_idx)
+    gguf_names = fam.expert_names(layer_idx)
+    for role, part in fam.fused.items():
+        name = fused_names.get(part.source)
+        if name is None or name not in reader:
+            if part.source.endswith("bias"):
+                continue
+            raise GGUFExportError(f"{reader.model_dir}: fused expert tensor for {part.source!r} of layer {layer_idx} is missing")
+        info = reader.info(name)
+        if info.shape[0] != n_experts:
+            raise GGUFExportError(f"{reader.model_dir}: {name!r} has {info.shape[0]} experts, config.json says {n_experts}")
+
+        def chunks(name=name, info=info, part=part):
+            for expert_idx in range(n_experts):
+                raw = reader.read_bytes(name, rows=[expert_idx])
+                yield _take_part(bytes_to_float32(raw, info.dtype, info.shape[1:]), part)
+
+        is_bias = len(info.shape) == 2
+        planned.append(PlannedTensor(gguf_names[role], (n_experts, *_part_shape(info.shape[1:], part)),
+                                     _out_dtype(3, dtype, keep_f32=is_bias), chunks))
+        used.add(name)
+    return planned
 
 
 def plan_tensors(reader: CheckpointReader, config: dict, arch: MoEArch, fam: GGUFFamily, dtype: str) -> list[PlannedTensor]:
@@ -209,24 +287,15 @@ def plan_tensors(reader: CheckpointReader, config: dict, arch: MoEArch, fam: GGU
                     raise GGUFExportError(f"{reader.model_dir}: {hf_name!r} has no GGUF tensor in family {fam.family}")
                 plain(hf_name, gguf_name, keep_f32=True)
         layout = arch.detect_layout(layer_idx, n_experts, present)
-        if layout != "per_expert":
+        if layout == "per_expert":
+            planned += _per_expert_tensors(reader, arch, fam, layer_idx, n_experts, dtype, used)
+        elif layout == "fused":
+            planned += _fused_tensors(reader, arch, fam, layer_idx, n_experts, dtype, used)
+        else:
             raise GGUFExportError(
                 f"{reader.model_dir}: layer {layer_idx} stores experts in the {layout!r} layout, which the GGUF "
-                f"export of {fam.family} does not read yet (per-expert tensors only)"
+                f"export of {fam.family} does not read (per-expert and fused bf16/fp32 tensors only)"
             )
-        for role, gguf_name in fam.expert_names(layer_idx).items():
-            names = [arch.expert_tensor_names(layer_idx, expert_idx)[role] for expert_idx in range(n_experts)]
-            first = reader.info(names[0])
-            for name in names[1:]:
-                if reader.info(name).shape != first.shape:
-                    raise GGUFExportError(f"{reader.model_dir}: expert tensor {name!r} has shape {reader.info(name).shape}, expected {first.shape}")
-
-            def chunks(names=names):
-                for name in names:
-                    yield _reader_array(reader, name)
-
-            planned.append(PlannedTensor(gguf_name, (n_experts, *first.shape), _out_dtype(3, dtype, False), chunks))
-            used.update(names)
 
     leftovers = sorted(present - used)
     if leftovers:
@@ -252,6 +321,8 @@ def _add_metadata(writer, config: dict, arch: MoEArch, fam: GGUFFamily, vocab: G
             raise GGUFExportError(f"config.json: {source!r} is needed for {fam.key(suffix)} but is missing")
         if kind == "u32":
             writer.add_uint32(fam.key(suffix), int(value))
+        elif kind == "str":
+            writer.add_string(fam.key(suffix), str(value))
         else:
             writer.add_float32(fam.key(suffix), float(value))
         logger.info("gguf: %s = %s", fam.key(suffix), value)

@@ -31,6 +31,9 @@ KEY_QUANT = "packager.quantization"
 # hparam value sources that are not a plain config key
 HEAD_DIM = "$head_dim"
 ROPE_THETA = "$rope_theta"
+ROPE_TYPE = "$rope_type"
+ROPE_FACTOR = "$rope_factor"
+ROPE_ORIGINAL_CONTEXT = "$rope_original_context"
 N_EXPERTS = "$n_experts"
 TOP_K = "$top_k"
 
@@ -80,6 +83,27 @@ _ROUTER = "blk.${layer_idx}.ffn_gate_inp.weight"
 
 
 @dataclass(frozen=True)
+class FusedPart:
+    """How one GGUF expert tensor comes out of a fused on-disk tensor, per expert: take the
+    `source` role (packager.arch fused role), split it along `axis` ("first_half",
+    "second_half", "even", "odd" or None), then transpose when stored [in, out]."""
+
+    source: str
+    split: str | None = None
+    axis: int = 0
+    transpose: bool = False
+
+
+# Qwen / OLMoE / Mixtral fused layout (transformers 5 in memory): gate_up [E, 2I, H] = gate
+# rows then up rows, down [E, H, I]: already [out, in].
+_FUSED_HALVES = {
+    "gate": FusedPart("gate_up", "first_half", axis=0),
+    "up": FusedPart("gate_up", "second_half", axis=0),
+    "down": FusedPart("down"),
+}
+
+
+@dataclass(frozen=True)
 class GGUFFamily:
     """How one packager family is written for llama.cpp."""
 
@@ -89,6 +113,7 @@ class GGUFFamily:
     optional: frozenset[str]                   # HF templates that may be absent (tied head, biases)
     experts: Mapping[str, str]                 # expert role -> stacked GGUF template
     router: str
+    fused: Mapping[str, FusedPart] = field(default_factory=lambda: dict(_FUSED_HALVES))  # role -> part of a fused tensor
     router_bias: str | None = None
     score_bias: str | None = None
     hparams: tuple[tuple[str, str, str], ...] = _COMMON_HPARAMS  # (key under "{arch}.", type, source)
@@ -96,6 +121,7 @@ class GGUFFamily:
     requires_absent: tuple[str, ...] = ()      # config keys that must be null/absent
     requires_equal: tuple[tuple[str, str], ...] = ()  # config keys whose values must agree
     permute_qk: bool = False                   # llama.cpp's "llama" arch wants q/k rows in rope-interleaved order
+    rope_types: tuple[str, ...] = ("default",)  # rope_parameters.rope_type values the GGUF hparams can express
     all_layers_moe: bool = True                # the graph has no dense-MLP layers
 
     def tensor_name(self, template: str, layer_idx: int | None = None) -> str:
@@ -194,6 +220,49 @@ FAMILIES: dict[str, GGUFFamily] = {
         ),
         requires_absent=("sliding_window",),
         permute_qk=True,
+    ),
+    "gpt_oss": GGUFFamily(
+        family="gpt_oss",
+        gguf_arch="gpt-oss",
+        tensors={
+            **_GLOBAL, **_QKV_BIAS,
+            "model.layers.${layer_idx}.input_layernorm.weight": "blk.${layer_idx}.attn_norm.weight",
+            "model.layers.${layer_idx}.self_attn.q_proj.weight": "blk.${layer_idx}.attn_q.weight",
+            "model.layers.${layer_idx}.self_attn.k_proj.weight": "blk.${layer_idx}.attn_k.weight",
+            "model.layers.${layer_idx}.self_attn.v_proj.weight": "blk.${layer_idx}.attn_v.weight",
+            "model.layers.${layer_idx}.self_attn.o_proj.weight": "blk.${layer_idx}.attn_output.weight",
+            "model.layers.${layer_idx}.self_attn.o_proj.bias": "blk.${layer_idx}.attn_output.bias",
+            "model.layers.${layer_idx}.self_attn.sinks": "blk.${layer_idx}.attn_sinks.weight",
+            "model.layers.${layer_idx}.post_attention_layernorm.weight": "blk.${layer_idx}.post_attention_norm.weight",
+        },
+        optional=frozenset({"lm_head.weight"}),
+        experts={
+            **_EXPERTS,
+            "gate_bias": "blk.${layer_idx}.ffn_gate_exps.bias",
+            "up_bias": "blk.${layer_idx}.ffn_up_exps.bias",
+            "down_bias": "blk.${layer_idx}.ffn_down_exps.bias",
+        },
+        # transformers stores GPT-OSS experts [E, in, out] with gate and up columns interleaved
+        fused={
+            "gate": FusedPart("gate_up", "even", axis=1, transpose=True),
+            "up": FusedPart("gate_up", "odd", axis=1, transpose=True),
+            "down": FusedPart("down", transpose=True),
+            "gate_bias": FusedPart("gate_up_bias", "even", axis=0),
+            "up_bias": FusedPart("gate_up_bias", "odd", axis=0),
+            "down_bias": FusedPart("down_bias"),
+        },
+        router=_ROUTER,
+        router_bias="blk.${layer_idx}.ffn_gate_inp.bias",
+        hparams=_COMMON_HPARAMS + (
+            ("expert_feed_forward_length", "u32", "intermediate_size"),
+            ("attention.sliding_window", "u32", "sliding_window"),
+            ("rope.scaling.type", "str", ROPE_TYPE),
+            ("rope.scaling.factor", "f32", ROPE_FACTOR),
+            ("rope.scaling.original_context_length", "u32", ROPE_ORIGINAL_CONTEXT),
+        ),
+        # llama.cpp's gpt-oss graph hard-codes the clamped SwiGLU of the released models
+        requires={"swiglu_limit": 7.0, "swiglu_alpha": 1.702},
+        rope_types=("yarn",),
     ),
 }
 
