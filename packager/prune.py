@@ -219,6 +219,29 @@ def prune_checkpoint(model_dir: str | os.PathLike, plan: Plan | str | os.PathLik
     return out
 
 
+def describe_prune(model_dir: str | os.PathLike, plan: Plan | str | os.PathLike) -> dict:
+    """Validate `plan` against the model and say what a prune would write; touches no file."""
+    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    with CheckpointReader(model_dir) as reader:
+        arch = load_arch(reader.config)
+        validate_plan(plan, arch, reader.config, model_fingerprint(reader))
+        keep = {layer_idx: sorted(ids) for layer_idx, ids in plan.keep.items()}
+        actions = _classify(reader, arch, reader.config, keep)
+        kept_bytes = 0
+        for info in reader.infos():
+            action = actions[info.name]
+            if action is not None:
+                kept_bytes += info.nbytes if action.rows is None else info.nbytes // info.shape[0] * len(action.rows)
+        counts = {layer_idx: len(ids) for layer_idx, ids in sorted(keep.items())}
+        return {
+            "family": arch.family,
+            "experts_per_layer": {layer_idx: [arch.n_experts(reader.config, layer_idx), n] for layer_idx, n in counts.items()},
+            "uniform": len(set(counts.values())) == 1,
+            "input_tensor_bytes": reader.total_bytes,
+            "output_tensor_bytes": kept_bytes,
+        }
+
+
 def _pruned_fingerprint(reader: CheckpointReader, arch: MoEArch, new_config: dict, keep: dict[int, list[int]]) -> str:
     layers = sorted(keep)
 
@@ -253,4 +276,4 @@ def read_provenance(model_dir: str | os.PathLike) -> dict | None:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
 
 
-__all__ = ["prune_checkpoint", "read_provenance", "PROVENANCE_NAME"]
+__all__ = ["describe_prune", "prune_checkpoint", "read_provenance", "PROVENANCE_NAME"]

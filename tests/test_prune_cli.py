@@ -87,6 +87,27 @@ def test_prune_cli_success_and_inspect(monkeypatch, capsys, tmp_path, qwen2, goo
     assert code == 0 and "qwen2_moe" in out and "routed experts" in out and "8 per layer" in out
 
 
+def test_dry_run_writes_nothing(monkeypatch, capsys, tmp_path, qwen2):
+    keep = {0: [0, 1, 2, 3, 4, 5], 1: [6, 7]}
+    plan = _plan_file(tmp_path, _plan_data(qwen2, keep))
+    code, out, err = run_cli(monkeypatch, capsys, "prune", str(qwen2), "--plan", str(plan), "--out",
+                             str(tmp_path / "out"), "--dry-run")
+    assert code == 0, err
+    assert "layer 0: 8 -> 6 experts" in out and "layer 1: 8 -> 2 experts" in out and "non-uniform" in out
+    assert not (tmp_path / "out").exists()
+    from packager.prune import describe_prune, prune_checkpoint
+
+    summary = describe_prune(qwen2, plan)
+    out_dir = prune_checkpoint(qwen2, plan, tmp_path / "out")
+    written = json.loads((out_dir / "pruning.json").read_text())["output"]["tensor_bytes"]
+    assert summary["output_tensor_bytes"] == written
+    # routed experts are half of the 8 experts' bytes in total: 8 of 16 kept
+    parent = json.loads(run_cli(monkeypatch, capsys, "inspect", str(qwen2), "--json")[1])
+    routed = parent["split"]["routed_experts"]["bytes"]
+    routers = parent["split"]["routers"]["bytes"]
+    assert summary["input_tensor_bytes"] - written == (routed + routers) // 2
+
+
 def test_output_exists_without_force(monkeypatch, capsys, tmp_path, qwen2, good_keep):
     plan = _plan_file(tmp_path, _plan_data(qwen2, good_keep))
     existing = tmp_path / "existing"

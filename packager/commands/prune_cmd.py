@@ -37,11 +37,21 @@ class ByteSize(click.ParamType):
               help="largest output shard")
 @click.option("--hash-inputs/--hash-headers", "hash_inputs", default=None,
               help="provenance: full sha256 of input shards, or of their headers (default: full up to 2 GiB)")
+@click.option("--dry-run", is_flag=True, help="validate the plan and print what would be written; write nothing")
 def prune_command(model: str, plan_path: str, out_dir: str, force: bool, max_shard_bytes: int,
-                  hash_inputs: bool | None) -> None:
+                  hash_inputs: bool | None, dry_run: bool) -> None:
     """Write a copy of MODEL that keeps only the experts listed in the plan."""
     from packager.plan_file import Plan
-    from packager.prune import prune_checkpoint
+    from packager.prune import describe_prune, prune_checkpoint
+
+    if dry_run:
+        summary = describe_prune(model, Plan.load(plan_path))
+        for layer_idx, (before, after) in summary["experts_per_layer"].items():
+            click.echo(f"layer {layer_idx}: {before} -> {after} experts")
+        ratio = summary["output_tensor_bytes"] / summary["input_tensor_bytes"]
+        click.echo(f"{summary['family']}: {summary['input_tensor_bytes']:,} -> {summary['output_tensor_bytes']:,} tensor bytes "
+                   f"({ratio:.1%}); {'uniform' if summary['uniform'] else 'non-uniform (load with packager.load_pruned; not loadable by stock llama.cpp)'}")
+        return
 
     out = prune_checkpoint(model, Plan.load(plan_path), out_dir, force=force, max_shard_bytes=max_shard_bytes,
                            hash_inputs=hash_inputs, progress=True)
