@@ -202,6 +202,29 @@ class Thresholds:
 DEFAULT_THRESHOLDS = Thresholds()
 
 
+class _LangId:
+    """langid's model, loaded once per process (it takes seconds). It ships inside the langid
+    package as a pickled string, trusted like the package's code (never user input)."""
+
+    def __init__(self) -> None:
+        from langid.langid import LanguageIdentifier, model
+
+        self.identifier = LanguageIdentifier.from_modelstring(model, norm_probs=True)
+        self.supported = frozenset(self.identifier.nb_classes)
+        self.current: tuple[str, ...] = ()
+
+    def rank(self, text: str, candidates: tuple[str, ...]) -> dict[str, float]:
+        if candidates != self.current:  # restricting is cheap next to loading
+            self.identifier.set_languages(list(candidates))
+            self.current = candidates
+        return dict(self.identifier.rank(text))
+
+
+@lru_cache(maxsize=1)
+def _langid() -> _LangId:
+    return _LangId()
+
+
 @dataclass
 class ErrorDetector:
     """Reference-free generation-error detectors for a set of translation directions.
@@ -216,21 +239,8 @@ class ErrorDetector:
     thresholds: Thresholds = DEFAULT_THRESHOLDS
 
     def __post_init__(self) -> None:
-        self._langid = None
         codes = sorted({parse_language(code).language for code in self.languages})
         self._candidates = codes
-
-    def _identifier(self):
-        if self._langid is None:
-            from langid.langid import LanguageIdentifier, model
-
-            identifier = LanguageIdentifier.from_modelstring(model, norm_probs=True)
-            supported = set(identifier.nb_classes)
-            candidates = [code for code in self._candidates if code in supported]
-            if len(candidates) >= 2:
-                identifier.set_languages(candidates)
-            self._langid = (identifier, set(candidates))
-        return self._langid
 
     def detect(self, src: str, hyp: str, src_lang: str | Language, tgt_lang: str | Language) -> list[str]:
         """The error kinds (subset of ERROR_KINDS, in that order) found in `hyp`."""
@@ -285,10 +295,11 @@ class ErrorDetector:
         letters = sum(1 for c in plain if c.isalpha())
         if letters < t.langid_min_letters or len(plain.split()) < t.langid_min_words:
             return False
-        identifier, candidates = self._identifier()
-        if target.language not in candidates:
+        langid = _langid()
+        candidates = tuple(code for code in self._candidates if code in langid.supported)
+        if target.language not in candidates or len(candidates) < 2:
             return False  # langid cannot speak for this language
-        ranked = dict(identifier.rank(plain))
+        ranked = langid.rank(plain, candidates)
         best = max(ranked, key=ranked.get)
         return best != target.language and ranked[best] >= t.langid_min_probability
 

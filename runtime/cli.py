@@ -38,14 +38,19 @@ def _lines(text: str | None, file: TextIO | None) -> Iterable[str]:
 @click.option("--timings", is_flag=True, help="print load time and tokens/s to stderr at the end")
 @click.option("-v", "--verbose", count=True, help="more log output (repeat for debug)")
 def main(model, text, src, tgt, file, threads, max_new_tokens, temperature, seed, timings, verbose) -> None:
-    """Translate TEXT (or --file, or stdin) with MODEL_OR_BUNDLE, offline."""
+    """Translate TEXT (or --file, or stdin) with MODEL_OR_BUNDLE, offline.
+
+    A bundle (directory or .tar from `packager bundle`) is verified against its manifest
+    (sha256 of every file) and must cover the direction --from/--to."""
     logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2), format="%(levelname)s %(name)s: %(message)s")
-    from runtime.backends import Sampling, open_backend
+    from runtime.backends import Sampling
+    from runtime.bundle import open_translator
 
     try:
         source, target = parse_language(src), parse_language(tgt)
         sampling = Sampling(temperature=temperature, seed=seed)
-        with open_backend(model, n_threads=threads) as backend:
+        # a bundle is checked first: manifest digest, direction, sha256 of every file
+        with open_translator(model, source, target, n_threads=threads) as backend:
             for line in _lines(text, file):
                 if line.strip():
                     for piece in backend.translate_stream(line, source, target, max_new_tokens, sampling):

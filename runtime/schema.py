@@ -212,6 +212,7 @@ class BundleManifest(ExportConfig):
     licenses: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     min_ram_bytes: int = 0
+    directions: list[str] = field(default_factory=list)  # "en->de": what edge-translate accepts
     kind: str = BUNDLE_KIND
 
     KIND: ClassVar[str] = BUNDLE_KIND
@@ -236,6 +237,17 @@ class BundleManifest(ExportConfig):
         _check_type(source, "min_ram_bytes", self.min_ram_bytes, int, "an integer")
         if self.min_ram_bytes < 0:
             raise _fail(source, "field 'min_ram_bytes' must be >= 0")
+        _check_type(source, "directions", self.directions, list, "a list of directions like 'en->de'")
+        if self.directions:
+            from runtime.errors import LanguageError
+            from runtime.languages import parse_pair
+
+            for item in self.directions:
+                try:
+                    if not isinstance(item, str) or str(parse_pair(item)) != item:
+                        raise LanguageError(f"{item!r} is not a canonical direction such as 'en->de'")
+                except LanguageError as exc:
+                    raise _fail(source, f"field 'directions': {exc}") from None
 
     @classmethod
     def from_export(cls, config: ExportConfig, **bundle_fields) -> "BundleManifest":
@@ -246,7 +258,7 @@ class BundleManifest(ExportConfig):
 
     def export_config(self) -> ExportConfig:
         data = self.to_dict()
-        for name in ("metrics", "licenses", "files", "min_ram_bytes"):
+        for name in ("metrics", "licenses", "files", "min_ram_bytes", "directions"):
             data.pop(name)
         data["kind"] = EXPORT_KIND
         return ExportConfig.from_dict(data, source="bundle manifest")
