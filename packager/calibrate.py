@@ -311,6 +311,7 @@ class RoutingRecorder:
         self.tokens = torch.zeros(self.n_keys + 1, dtype=torch.float64)
         self.sequences = torch.zeros(self.n_keys + 1, dtype=torch.float64)
         self.batch: Batch | None = None
+        self.hook_seconds = 0.0  # time spent inside the hooks (the capture's own cost)
         self._pending: dict[int, tuple] = {}
         self.handles = []
         for pos, layer_idx in enumerate(self.layers):
@@ -357,6 +358,7 @@ class RoutingRecorder:
         def hook(module, args, output):
             if self.batch is None:
                 return
+            started = time.perf_counter()
             idx, weights = self._routing(output)
             batch = self.batch
             weights = weights.float()
@@ -374,6 +376,7 @@ class RoutingRecorder:
             means = grouped[..., :n_experts][present] / batch.counts[present].unsqueeze(1)
             self.mass[pos].index_add_(0, keys, means)
             self.selected[pos].index_add_(0, keys, grouped[..., n_experts:][present])
+            self.hook_seconds += time.perf_counter() - started
 
         return hook
 
@@ -383,13 +386,16 @@ class RoutingRecorder:
         def hook(module, args, kwargs):
             if self.batch is None:
                 return None
+            started = time.perf_counter()
             hidden, idx, weights = args[0], args[1], args[2]
             top_k = idx.shape[-1]
             idx, weights = idx.reshape(-1, top_k), weights.reshape(-1, top_k)
             self._pending[pos] = (idx, weights, hidden.shape)
             rows = hidden.reshape(-1, hidden.shape[-1]).repeat_interleave(top_k, dim=0)
             row_idx = idx.reshape(-1, 1)
-            return (rows, row_idx, torch.ones(row_idx.shape, dtype=weights.dtype, device=weights.device)), kwargs
+            ones = torch.ones(row_idx.shape, dtype=weights.dtype, device=weights.device)
+            self.hook_seconds += time.perf_counter() - started
+            return (rows, row_idx, ones), kwargs
 
         return hook
 
@@ -399,6 +405,7 @@ class RoutingRecorder:
         def hook(module, args, output):
             if self.batch is None or pos not in self._pending:
                 return None
+            started = time.perf_counter()
             idx, weights, hidden_shape = self._pending.pop(pos)
             n_tokens, top_k = idx.shape
             rows = output.view(n_tokens, top_k, -1)
@@ -408,7 +415,9 @@ class RoutingRecorder:
                 flat = (keys.unsqueeze(1).expand(n_tokens, top_k).reshape(-1)) * self.n_experts + flat_experts
                 self.reap_sum[pos].view(-1).index_add_(0, flat, terms.reshape(-1))
                 self.reap_tokens[pos].view(-1).index_add_(0, flat, torch.ones_like(terms.reshape(-1)))
-            return (rows * weights.unsqueeze(-1).to(rows.dtype)).sum(dim=1).reshape(hidden_shape)
+            combined = (rows * weights.unsqueeze(-1).to(rows.dtype)).sum(dim=1).reshape(hidden_shape)
+            self.hook_seconds += time.perf_counter() - started
+            return combined
 
         return hook
 
