@@ -110,6 +110,13 @@ def _parse_language_at(code, where: str):
         raise CalibrationError(f"{where}: {exc}") from None
 
 
+def _slug_languages(slug: str) -> tuple[str, str]:
+    from runtime.languages import parse_pair
+
+    pair = parse_pair(slug)
+    return pair.src.code, pair.tgt.code
+
+
 def _slug(src, tgt) -> str:
     from runtime.languages import Pair
 
@@ -215,7 +222,10 @@ def read_examples(paths: Sequence[Path], settings: CalibrationSettings) -> dict[
             available = ", ".join(sorted(found)) or "none"
             raise CalibrationError(f"{names}: no {slug} sentences (directions in the data: {available}): add data for it or drop it from --pairs")
         if settings.max_sentences is not None and len(pool) > settings.max_sentences:
-            rng = random.Random(f"{settings.seed}:{slug}")
+            # seeded by the unordered language pair: en-de and de-en sample the same records
+            # (their pools hold the same records in the same order), so both directions see
+            # the same content, which the JSD of planning compares
+            rng = random.Random(f"{settings.seed}:{'|'.join(sorted(_slug_languages(slug)))}")
             pool = rng.sample(pool, settings.max_sentences)
         selected[slug] = pool
     return selected

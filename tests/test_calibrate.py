@@ -355,3 +355,33 @@ run("plan", "compare", "{tmp_path}/dyn.json", "{tmp_path}/uni.json", "{tmp_path}
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
     assert not any((tmp_path / name).exists() for name in ("x.json", "y.json", "z.st", "m.st"))
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe", "mixtral", "gpt_oss", "deepseek_v3"])
+def test_every_family_records_routing_and_reap_without_changing_the_output(family, tmp_path):
+    from packager.calibrate import RoutingRecorder
+
+    model_dir = build_tiny(family, tmp_path / family, seed=4)
+    (model_dir / "chat_template.jinja").write_text(TEMPLATE)
+    data = _write_data(tmp_path / "d.jsonl", SENTENCES[:2])
+    stats = calibrate(model_dir, [data], CalibrationSettings(pairs=("en-de",), teacher_forced=True))
+    top_k = stats.top_k
+    selected = stats.get("selected", "en-de", "sequence")
+    tokens = stats.get("tokens", "en-de", "sequence")[:, 0]
+    np.testing.assert_array_equal(selected.sum(axis=1), tokens * top_k)
+    np.testing.assert_array_equal(stats.get("reap_tokens", "en-de", "sequence"), selected)
+    reap = stats.get("reap", "en-de", "sequence")
+    assert np.all((reap > 0) == (selected > 0))
+    np.testing.assert_allclose(stats.get("mass", "en-de", "sequence").sum(axis=1), 2.0, rtol=1e-6)  # 2 sequences
+    if family == "deepseek_v3":
+        assert stats.meta["routing_groups"] == {"n_group": 2, "topk_group": 1, "group_score_top": 2}
+    loaded = load_model(model_dir)
+    ids = torch.tensor([[1, 5, 6, 8, 9, 10, 3, 28, 29, 2]])
+    with torch.no_grad():
+        plain = loaded.model(input_ids=ids).logits
+        recorder = RoutingRecorder(loaded.model, loaded.arch, loaded.config, n_pairs=1, reap=True)
+        recorder.set_batch(torch.zeros_like(ids), torch.tensor([0]))
+        recorded = loaded.model(input_ids=ids).logits
+        recorder.remove()
+    assert recorder.reap_sum.sum() > 0
+    torch.testing.assert_close(recorded, plain, rtol=1e-5, atol=1e-5)
