@@ -458,8 +458,17 @@ NOTES = """<h2>How to read this</h2><ul class='notes'>
 
 
 # -- entry -------------------------------------------------------------------------------------
-def build_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, command: str | None = None) -> Path:
-    """Write index.html, report.json, report.csv and report.md into `out_dir`; returns index.html."""
+def read_metrics_files(paths: Sequence[str | os.PathLike]) -> list[ModelRun]:
+    from packager.verify import load_metrics
+
+    return [ModelRun(Path(p), load_metrics(p)) for p in paths]
+
+
+def build_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, command: str | None = None,
+                 metrics_files: Sequence[str | os.PathLike] | None = None) -> Path:
+    """Write index.html, report.json, report.csv and report.md into `out_dir`; returns index.html.
+    With `metrics_files`, exactly those are reported (a build's own), else every metrics file
+    found under `run_dirs`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -467,7 +476,7 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     from runtime.atomic import atomic_write_json, atomic_write_text
 
     out_dir = Path(out_dir)
-    runs = find_metrics(run_dirs)
+    runs = read_metrics_files(metrics_files) if metrics_files is not None else find_metrics(run_dirs)
     packs = group_packs(runs)
     packs_rows = {pack.name: sorted((pack_row(run, pack) for run in pack.runs), key=_sort_key) for pack in packs}
     all_rows = [row for rows in packs_rows.values() for row in rows]

@@ -1,0 +1,552 @@
+"""`packager build PACKS.toml --out RUN_DIR`: the whole chain for several language packs.
+
+calibrate (once, over every direction of every pack) -> for each pack x drop ratio x
+variant: plan -> prune -> export -> verify -> bundle; the parent is exported and verified
+once per variant (same format and quantization, for the ratios); then the report.
+
+Resumable: each step has a key, the sha256 of its settings and of its inputs' keys (input
+files are hashed once, by content). A step whose record in RUN_DIR/.steps/ carries the same
+key and whose outputs exist is skipped; anything else is (re)done. Stop it at any point and
+run the same command again.
+
+PACKS.toml (paths are relative to the TOML file):
+
+    parent = "../models/default"          # Hugging Face MoE checkpoint (the embedded default)
+    drop_ratios = [0.25, 0.5]
+    ranker = "routing-mass"               # default for every variant
+    threads = 2                           # runtime / quantizer threads
+    archive = false                       # also write BUNDLE.tar
+
+    [calibration]
+    data = ["../data/harvest/dev.jsonl"]
+    max_sentences = 100                   # per direction
+    teacher_forced = false
+    max_new_tokens = 64
+
+    [verify]
+    test = "../data/harvest/test.jsonl"
+    limit = 100                           # segments per direction
+    max_new_tokens = 128
+
+    [[variant]]                           # one exported model per (format, quantization)
+    format = "gguf"
+    allocation = "uniform"                # stock llama.cpp loads only one expert count
+    quant = ["F16", "Q8_0"]
+
+    [[variant]]
+    format = "onnx"
+    allocation = "dynamic"
+    quant = ["fp32"]
+
+    [[pack]]
+    name = "en-de"
+    directions = "en->de"
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from packager import __version__
+from packager.errors import PackagerError
+
+logger = logging.getLogger(__name__)
+
+STEPS_DIR = ".steps"
+GGUF_BASE_TYPES = {"F16": "f16", "F32": "f32"}
+FORMATS = ("gguf", "onnx")
+ALLOCATIONS = ("uniform", "dynamic", "inverted-dynamic")
+
+
+class BuildError(PackagerError):
+    """A build file that cannot be read, or a chain that cannot run."""
+
+
+# -- the build file ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Variant:
+    format: str
+    allocation: str
+    ranker: str
+    quant: tuple[str, ...]
+
+    @property
+    def slug(self) -> str:
+        return f"{self.format}-{self.allocation}-{self.ranker}"
+
+
+@dataclass(frozen=True)
+class PackSpec:
+    name: str
+    directions: str
+    pairs: tuple[str, ...]            # canonical "en->de"
+    langs: tuple[str, ...]            # non-English languages (planning)
+    direction: str                    # en-x | x-en | both (planning)
+    drop_ratios: tuple[float, ...]
+
+
+@dataclass
+class BuildConfig:
+    source: Path
+    parent: Path
+    packs: list[PackSpec]
+    variants: list[Variant]
+    calibration_data: list[Path]
+    calibration: dict[str, Any]
+    test_file: Path
+    verify: dict[str, Any]
+    threads: int | None
+    archive: bool
+    sha256: str = ""
+
+    @property
+    def all_pairs(self) -> list[str]:
+        pairs: list[str] = []
+        for pack in self.packs:
+            pairs += [p for p in pack.pairs if p not in pairs]
+        return pairs
+
+
+def _fail(source: Path, message: str) -> BuildError:
+    return BuildError(f"{source}: {message}")
+
+
+def _path(source: Path, value: Any, key: str, must_exist: str | None = None) -> Path:
+    if not isinstance(value, str) or not value:
+        raise _fail(source, f"{key} must be a path string, got {value!r}")
+    path = (source.parent / value).resolve() if not Path(value).is_absolute() else Path(value)
+    if must_exist == "dir" and not path.is_dir():
+        raise _fail(source, f"{key} = {value!r}: directory {path} not found")
+    if must_exist == "file" and not path.is_file():
+        hint = " (run `make data-eval` to harvest it)" if "harvest" in value else ""
+        raise _fail(source, f"{key} = {value!r}: file {path} not found{hint}")
+    return path
+
+
+def _pack_planning(source: Path, name: str, pairs) -> tuple[tuple[str, ...], str]:
+    """(non-English languages, planning direction) of a pack; every direction involves English."""
+    from runtime.languages import parse_language
+
+    english = parse_language("en")
+    langs: list[str] = []
+    kinds = set()
+    for pair in pairs:
+        if pair.src == english:
+            other, kind = pair.tgt, "en-x"
+        elif pair.tgt == english:
+            other, kind = pair.src, "x-en"
+        else:
+            raise _fail(source, f"pack {name!r}: direction {pair} does not involve English; packs are built from "
+                                f"English-centred statistics (en->X, X->en)")
+        kinds.add(kind)
+        if other.code not in langs:
+            langs.append(other.code)
+    direction = kinds.pop() if len(kinds) == 1 else "both"
+    if direction == "both":
+        want = {(l, k) for l in langs for k in ("en-x", "x-en")}
+        have = {((p.tgt if p.src == english else p.src).code, "en-x" if p.src == english else "x-en") for p in pairs}
+        if want != have:
+            raise _fail(source, f"pack {name!r}: mixes directions unevenly; use 'en<->xx' for both directions of a language")
+    return tuple(langs), direction
+
+
+def load_build_config(path: str | os.PathLike) -> BuildConfig:
+    """Parse and check PACKS.toml; raises BuildError naming the file and the key."""
+    from packager.verify import VerifyError, parse_pair_list
+
+    source = Path(path).resolve()
+    try:
+        raw = source.read_bytes()
+        data = tomllib.loads(raw.decode("utf-8"))
+    except FileNotFoundError:
+        raise BuildError(f"{path}: build file not found; see packs/demo.toml for an example") from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise BuildError(f"{path}: not valid TOML ({exc})") from None
+    known = {"parent", "drop_ratios", "ranker", "threads", "archive", "calibration", "verify", "variant", "pack"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise _fail(source, f"unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    parent = _path(source, data.get("parent"), "parent", "dir")
+    default_drops = data.get("drop_ratios", [0.5])
+    default_ranker = data.get("ranker", "routing-mass")
+
+    def drops_of(value, where: str) -> tuple[float, ...]:
+        if not isinstance(value, list) or not value or not all(isinstance(v, (int, float)) and 0 < v < 1 for v in value):
+            raise _fail(source, f"{where} must be a non-empty list of ratios in (0, 1), got {value!r}")
+        return tuple(sorted({float(v) for v in value}))
+
+    drops_of(default_drops, "drop_ratios")
+    packs = []
+    for i, item in enumerate(data.get("pack", [])):
+        where = f"[[pack]] #{i + 1}"
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not isinstance(item.get("directions"), str):
+            raise _fail(source, f"{where} needs name = \"...\" and directions = \"en->de\"")
+        name = item["name"]
+        if not name or "/" in name or name.startswith("."):
+            raise _fail(source, f"{where}: name {name!r} must be a plain file name")
+        try:
+            pairs = parse_pair_list(item["directions"])
+        except VerifyError as exc:
+            raise _fail(source, f"{where}: {exc}") from None
+        langs, direction = _pack_planning(source, name, pairs)
+        packs.append(PackSpec(name, item["directions"], tuple(str(p) for p in pairs), langs, direction,
+                              drops_of(item.get("drop_ratios", default_drops), f"{where} drop_ratios")))
+    if not packs:
+        raise _fail(source, "no [[pack]]: add at least one, e.g. name = \"en-de\", directions = \"en->de\"")
+    if len({p.name for p in packs}) != len(packs):
+        raise _fail(source, "two packs have the same name")
+    variants = []
+    for i, item in enumerate(data.get("variant", [])):
+        where = f"[[variant]] #{i + 1}"
+        fmt = item.get("format")
+        if fmt not in FORMATS:
+            raise _fail(source, f"{where}: format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        allocation = item.get("allocation", "uniform" if fmt == "gguf" else "dynamic")
+        if allocation not in ALLOCATIONS:
+            raise _fail(source, f"{where}: allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+        if fmt == "gguf" and allocation != "uniform":
+            raise _fail(source, f"{where}: stock llama.cpp loads one expert count per model, so GGUF needs "
+                                f"allocation = \"uniform\" (use ONNX for {allocation} allocation)")
+        quant = item.get("quant", ["F16"] if fmt == "gguf" else ["fp32"])
+        if not isinstance(quant, list) or not quant or not all(isinstance(q, str) for q in quant):
+            raise _fail(source, f"{where}: quant must be a list of quantization types, got {quant!r}")
+        if fmt == "gguf" and sum(q.upper() in GGUF_BASE_TYPES for q in quant) > 1:
+            raise _fail(source, f"{where}: give at most one of F16 / F32 (the unquantized export)")
+        ranker = item.get("ranker", default_ranker)
+        variants.append(Variant(fmt, allocation, ranker, tuple(quant)))
+    if not variants:
+        raise _fail(source, "no [[variant]]: add e.g. format = \"gguf\", quant = [\"F16\"]")
+    from packager.planning import RANKERS
+
+    for variant in variants:
+        if variant.ranker not in RANKERS:
+            raise _fail(source, f"ranker {variant.ranker!r} is unknown; use one of {', '.join(RANKERS)}")
+    calibration = dict(data.get("calibration", {}))
+    verify_settings = dict(data.get("verify", {}))
+    calibration_data = [_path(source, p, "calibration.data", "file") for p in calibration.pop("data", [])]
+    if not calibration_data:
+        raise _fail(source, "[calibration] data = [...] is required (harvest JSONL, e.g. data/harvest/dev.jsonl)")
+    allowed = {"max_sentences", "teacher_forced", "max_new_tokens", "batch_size", "seed", "reap"}
+    if set(calibration) - allowed:
+        raise _fail(source, f"[calibration] unknown key(s) {', '.join(sorted(set(calibration) - allowed))}")
+    test_file = _path(source, verify_settings.pop("test", None), "verify.test", "file")
+    if set(verify_settings) - {"limit", "max_new_tokens", "bootstrap"}:
+        raise _fail(source, f"[verify] unknown key(s) {', '.join(sorted(set(verify_settings) - {'limit', 'max_new_tokens', 'bootstrap'}))}")
+    threads = data.get("threads")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise _fail(source, f"threads must be a positive integer, got {threads!r}")
+    return BuildConfig(source, parent, packs, variants, calibration_data, calibration, test_file, verify_settings,
+                       threads, bool(data.get("archive", False)), hashlib.sha256(raw).hexdigest())
+
+
+# -- steps -------------------------------------------------------------------------------------
+@dataclass
+class Step:
+    id: str
+    title: str
+    inputs: dict[str, Any]
+    outputs: list[Path]
+    run: Callable[[], Any]
+    key: str = ""
+    status: str = "pending"
+    seconds: float = 0.0
+
+
+def _key(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+class StepRunner:
+    """Runs steps in order, skipping those whose record matches (resumable)."""
+
+    def __init__(self, run_dir: Path, console) -> None:
+        self.run_dir = run_dir
+        self.records = run_dir / STEPS_DIR
+        self.console = console
+        self.steps: list[Step] = []
+
+    def record_path(self, step: Step) -> Path:
+        return self.records / f"{step.id.replace('/', '__')}.json"
+
+    def up_to_date(self, step: Step) -> bool:
+        path = self.record_path(step)
+        if not path.is_file():
+            return False
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return False
+        return record.get("key") == step.key and all(p.exists() for p in step.outputs)
+
+    def run(self, step: Step, index: int, total: int) -> None:
+        from runtime.atomic import atomic_write_json
+
+        step.key = _key({"step": step.id, "inputs": step.inputs, "packager": __version__})
+        prefix = f"[{index}/{total}] {step.title}"
+        if self.up_to_date(step):
+            step.status = "skipped"
+            self.console.print(f"{prefix} [dim]up to date[/dim]")
+            return
+        self.console.print(f"{prefix} ...")
+        for output in step.outputs:  # an older, different result: replaced
+            if output.is_dir():
+                shutil.rmtree(output)
+            elif output.exists():
+                output.unlink()
+        started = time.monotonic()
+        step.run()
+        step.seconds = round(time.monotonic() - started, 2)
+        missing = [str(p) for p in step.outputs if not p.exists()]
+        if missing:
+            raise BuildError(f"step {step.id}: finished without writing {', '.join(missing)}")
+        self.records.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.record_path(step), {"key": step.key, "inputs": step.inputs,
+                                                   "outputs": [str(p) for p in step.outputs], "seconds": step.seconds,
+                                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        step.status = "done"
+        self.console.print(f"{prefix} [green]done[/green] in {step.seconds:.1f} s")
+
+
+# -- exporters ---------------------------------------------------------------------------------
+def _gguf_outputs(out_file: Path, quant: Sequence[str]) -> tuple[str, list[str], dict[str, Path]]:
+    """(base dtype, llama.cpp quant types, quant name -> file) for one GGUF export."""
+    from converters.gguf.export import quantized_path
+
+    base = next((GGUF_BASE_TYPES[q.upper()] for q in quant if q.upper() in GGUF_BASE_TYPES), "f16")
+    others = [q for q in quant if q.upper() not in GGUF_BASE_TYPES]
+    files = {q: (out_file if q.upper() in GGUF_BASE_TYPES else quantized_path(out_file, q)) for q in quant}
+    return base, others, files
+
+
+def export_model(fmt: str, model_dir: Path, out_dir: Path, quant: Sequence[str], threads: int | None) -> dict[str, Path]:
+    """Export `model_dir` into `out_dir`; returns quantization -> model file."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if fmt == "gguf":
+        from converters.gguf.export import export_gguf
+
+        out_file = out_dir / "model.gguf"
+        base, others, files = _gguf_outputs(out_file, quant)
+        export_gguf(model_dir, out_file, others, dtype=base, force=True, progress=True, n_threads=threads)
+        return files
+    if fmt == "onnx":
+        from converters.onnx.export import export_onnx
+
+        files = expected_exports(fmt, out_dir, quant)
+        for q in quant:  # one directory per quantization (model.onnx, tokenizer.json, export config)
+            export_onnx(model_dir, files[q].parent, quant=q, force=True, progress=True)
+        return files
+    raise BuildError(f"unknown format {fmt!r}")
+
+
+def expected_exports(fmt: str, out_dir: Path, quant: Sequence[str]) -> dict[str, Path]:
+    if fmt == "gguf":
+        return _gguf_outputs(out_dir / "model.gguf", quant)[2]
+    from converters.onnx.export import MODEL_FILE
+
+    return {q: out_dir / q / MODEL_FILE for q in quant}
+
+
+# -- the chain ---------------------------------------------------------------------------------
+def _drop_slug(drop: float) -> str:
+    return f"d{round(drop * 100):02d}"
+
+
+def _file_key(path: Path) -> str:
+    from packager.fingerprint import file_sha256
+
+    return file_sha256(path)
+
+
+def _dir_key(path: Path) -> dict[str, str]:
+    return {p.relative_to(path).as_posix(): _file_key(p) for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def build(packs_file: str | os.PathLike, run_dir: str | os.PathLike, *, dry_run: bool = False, console=None,
+          command: str | None = None) -> dict:
+    """Run (or with `dry_run` list) every step; returns the build record (also RUN_DIR/build.json)."""
+    from rich.console import Console
+
+    from runtime.atomic import atomic_write_json
+
+    config = load_build_config(packs_file)
+    run_dir = Path(run_dir).resolve()
+    console = console or Console(stderr=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    runner = StepRunner(run_dir, console)
+    steps: list[Step] = []
+    inputs = {
+        "parent": _dir_key(config.parent),
+        "calibration_data": {str(p): _file_key(p) for p in config.calibration_data},
+        "test": _file_key(config.test_file),
+    }
+    threads = config.threads
+
+    # calibration: once, every direction of every pack
+    stats_path = run_dir / "calibration" / "stats.safetensors"
+    calibration_inputs = {"parent": inputs["parent"], "data": inputs["calibration_data"], "pairs": config.all_pairs,
+                          "settings": config.calibration}
+
+    def calibrate_step() -> None:
+        from packager.calibrate import CalibrationSettings, calibrate
+        from runtime.languages import parse_pair
+
+        stats_path.parent.mkdir(parents=True, exist_ok=True)
+        settings = CalibrationSettings(pairs=tuple(parse_pair(p).slug for p in config.all_pairs), **config.calibration)
+        stats = calibrate(config.parent, config.calibration_data, settings, command=command, show_progress=True)
+        stats.save(stats_path)
+
+    steps.append(Step("calibrate", f"calibrate {config.parent.name} on {', '.join(config.all_pairs)}",
+                      calibration_inputs, [stats_path], calibrate_step))
+    calibration_key = _key(calibration_inputs)
+
+    verify_settings = {"limit": config.verify.get("limit"), "max_new_tokens": config.verify.get("max_new_tokens", 256),
+                       "n_bootstrap": config.verify.get("bootstrap", 1000), "threads": threads}
+
+    def verify_step(model: Path, out: Path, pairs: Sequence[str], labels: dict, parent_metrics: Path | None) -> Callable[[], Any]:
+        def run() -> None:
+            from packager.verify import verify
+
+            out.parent.mkdir(parents=True, exist_ok=True)
+            verify(model, config.test_file, list(pairs), out, limit=verify_settings["limit"],
+                   max_new_tokens=verify_settings["max_new_tokens"], n_bootstrap=verify_settings["n_bootstrap"],
+                   threads=threads, parent_metrics=parent_metrics, labels=labels, command=command)
+        return run
+
+    # parent: exported and verified once per variant format+quantization
+    parent_metrics: dict[tuple[str, str], Path] = {}
+    exported_formats: dict[tuple[str, tuple[str, ...]], dict[str, Path]] = {}
+    for fmt in dict.fromkeys(v.format for v in config.variants):
+        quant = tuple(dict.fromkeys(q for v in config.variants if v.format == fmt for q in v.quant))
+        out_dir = run_dir / "parent" / fmt
+        files = expected_exports(fmt, out_dir, quant)
+        export_inputs = {"model": inputs["parent"], "format": fmt, "quant": quant, "threads": threads}
+        steps.append(Step(f"parent/{fmt}/export", f"export parent to {fmt} {', '.join(quant)}", export_inputs,
+                          list(files.values()),
+                          (lambda fmt=fmt, out_dir=out_dir, quant=quant: export_model(fmt, config.parent, out_dir, quant, threads))))
+        for q, model_file in files.items():
+            out = out_dir / f"{q}.metrics.json"
+            labels = {"role": "parent", "name": f"parent {fmt} {q}", "pack": "parent"}
+            steps.append(Step(f"parent/{fmt}/{q}/verify", f"verify parent {fmt} {q}",
+                              {"export": _key(export_inputs), "quant": q, "test": inputs["test"], "pairs": config.all_pairs,
+                               "settings": verify_settings, "labels": labels},
+                              [out], verify_step(model_file, out, config.all_pairs, labels, None)))
+            parent_metrics[(fmt, q)] = out
+
+    bundles: list[Path] = []
+    metrics_files = list(parent_metrics.values())
+    for pack in config.packs:
+        for drop in pack.drop_ratios:
+            plans_done: dict[tuple[str, str], tuple[Path, str]] = {}
+            for variant in config.variants:
+                base = run_dir / "packs" / pack.name / f"{_drop_slug(drop)}-{variant.allocation}-{variant.ranker}"
+                plan_path = base / "plan.json"
+                pruned_dir = base / "pruned"
+                plan_inputs = {"stats": calibration_key, "langs": pack.langs, "direction": pack.direction, "drop": drop,
+                               "ranker": variant.ranker, "allocation": variant.allocation}
+                plan_key = _key(plan_inputs)
+                if (variant.allocation, variant.ranker) not in plans_done:
+                    steps.append(Step(f"{pack.name}/{base.name}/plan", f"plan {pack.name} drop {drop:.0%} {variant.ranker}/{variant.allocation}",
+                                      plan_inputs, [plan_path], _plan_runner(stats_path, plan_path, pack, drop, variant, command)))
+                    steps.append(Step(f"{pack.name}/{base.name}/prune", f"prune {pack.name} drop {drop:.0%} {variant.allocation}",
+                                      {"plan": plan_key, "parent": inputs["parent"]}, [pruned_dir],
+                                      _prune_runner(config.parent, plan_path, pruned_dir)))
+                    plans_done[(variant.allocation, variant.ranker)] = (pruned_dir, plan_key)
+                pruned_dir, plan_key = plans_done[(variant.allocation, variant.ranker)]
+                export_dir = base / variant.format
+                files = expected_exports(variant.format, export_dir, variant.quant)
+                export_inputs = {"plan": plan_key, "format": variant.format, "quant": variant.quant, "threads": threads}
+                steps.append(Step(f"{pack.name}/{base.name}/{variant.format}/export",
+                                  f"export {pack.name} drop {drop:.0%} to {variant.format} {', '.join(variant.quant)}",
+                                  export_inputs, list(files.values()),
+                                  (lambda v=variant, d=export_dir, p=pruned_dir: export_model(v.format, p, d, v.quant, threads))))
+                for q, model_file in files.items():
+                    name = f"{pack.name}-{variant.format}-{q}-{_drop_slug(drop)}-{variant.allocation}"
+                    metrics_path = export_dir / f"{q}.metrics.json"
+                    labels = {"role": "pruned", "pack": pack.directions, "name": name, "drop_ratio": drop,
+                              "ranker": variant.ranker, "allocation": variant.allocation}
+                    parent = parent_metrics[(variant.format, q)]
+                    verify_key = {"export": _key(export_inputs), "quant": q, "test": inputs["test"], "pairs": pack.pairs,
+                                  "settings": verify_settings, "labels": labels, "parent": str(parent)}
+                    steps.append(Step(f"{pack.name}/{base.name}/{variant.format}/{q}/verify", f"verify {name}", verify_key,
+                                      [metrics_path], verify_step(model_file, metrics_path, pack.pairs, labels, parent)))
+                    bundle_dir = run_dir / "bundles" / name
+                    outputs = [bundle_dir] + ([bundle_dir.with_name(bundle_dir.name + ".tar")] if config.archive else [])
+                    steps.append(Step(f"bundle/{name}", f"bundle {name}", {"verify": _key(verify_key), "archive": config.archive},
+                                      outputs, _bundle_runner(model_file, metrics_path, bundle_dir, pack, config)))
+                    bundles.append(bundle_dir)
+                    metrics_files.append(metrics_path)
+
+    report_dir = run_dir / "report"
+
+    def report_step() -> None:
+        from packager.report import build_report
+
+        build_report([run_dir], report_dir, command=command, metrics_files=metrics_files)
+
+    steps.append(Step("report", "report", {"metrics": [str(p) for p in metrics_files], "nonce": time.time()},
+                      [report_dir / "index.html"], report_step))
+
+    record = {"schema": "packager.build/1", "packs_file": str(config.source), "packs_sha256": config.sha256,
+              "run_dir": str(run_dir), "command": command, "packager_version": __version__,
+              "python": sys.version.split()[0], "steps": []}
+    if dry_run:
+        for step in steps:
+            step.key = _key({"step": step.id, "inputs": step.inputs, "packager": __version__})
+            step.status = "up to date" if runner.up_to_date(step) else "to do"
+            console.print(f"{step.status:>10}  {step.title}")
+    else:
+        started = time.monotonic()
+        for index, step in enumerate(steps, 1):
+            runner.run(step, index, len(steps))
+        record["seconds"] = round(time.monotonic() - started, 1)
+        console.print(f"built {len(bundles)} bundle(s) in {record['seconds']:.0f} s; report: {report_dir / 'index.html'}")
+    record["steps"] = [{"id": s.id, "status": s.status, "seconds": s.seconds, "key": s.key,
+                        "outputs": [str(p) for p in s.outputs]} for s in steps]
+    record["bundles"] = [str(p) for p in bundles]
+    record["report"] = str(report_dir / "index.html")
+    if not dry_run:
+        atomic_write_json(run_dir / "build.json", record)
+    return record
+
+
+def _plan_runner(stats_path: Path, plan_path: Path, pack: PackSpec, drop: float, variant: Variant, command):
+    def run() -> None:
+        from packager.fingerprint import file_sha256
+        from packager.planning import PlanSettings, make_plan
+        from packager.stats import RoutingStats
+
+        plan_path.parent.mkdir(parents=True, exist_ok=True)
+        stats = RoutingStats.load(stats_path)
+        settings = PlanSettings(langs=pack.langs, direction=pack.direction, drop_ratio=drop, ranker=variant.ranker,
+                                allocation=variant.allocation, uniform=variant.allocation == "uniform")
+        provenance = {"command": command, "stats": {"path": str(stats_path), "sha256": file_sha256(stats_path)},
+                      "pack": pack.name, "packager_version": __version__}
+        make_plan(stats, settings, provenance).save(plan_path)
+    return run
+
+
+def _prune_runner(parent: Path, plan_path: Path, pruned_dir: Path):
+    def run() -> None:
+        from packager.prune import prune_checkpoint
+
+        prune_checkpoint(parent, plan_path, pruned_dir, force=True, progress=True)
+    return run
+
+
+def _bundle_runner(model_file: Path, metrics_path: Path, bundle_dir: Path, pack: PackSpec, config: BuildConfig):
+    def run() -> None:
+        from packager.bundle import make_bundle
+
+        bundle_dir.parent.mkdir(parents=True, exist_ok=True)
+        make_bundle(model_file, metrics_path, bundle_dir, directions=list(pack.pairs),
+                    calibration_data=config.calibration_data, archive=config.archive, force=True)
+    return run
