@@ -69,6 +69,12 @@ def _harvest_lines(split: str, limit: int) -> list[str]:
 
 def write_bpe_tokenizer(model_dir: Path, vocab_size: int = VOCAB) -> None:
     """Byte-level BPE (GPT-2 split) with the tiny models' special tokens, trained on real text."""
+    (model_dir / "tokenizer.json").write_text(_bpe_json(vocab_size))
+    (model_dir / "chat_template.jinja").write_text(TEMPLATE)
+
+
+@lru_cache(maxsize=2)
+def _bpe_json(vocab_size: int) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     corpus = _harvest_lines("dev", 3000) or [" ".join(WORDS)] * 10
@@ -78,8 +84,7 @@ def write_bpe_tokenizer(model_dir: Path, vocab_size: int = VOCAB) -> None:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(corpus, trainer)
-    tokenizer.save(str(model_dir / "tokenizer.json"))
-    (model_dir / "chat_template.jinja").write_text(TEMPLATE)
+    return tokenizer.to_str()
 
 
 def build_model(family: str, out_dir: Path, **overrides) -> Path:
@@ -249,6 +254,16 @@ def test_f16_export_keeps_routers_and_norms_f32(pruned, tmp_path):
     assert ExportConfig.load(export_config_path(path)).quantization == {"type": "F16"}
 
 
+def test_large_tensors_stream_in_row_blocks(parent, parent_gguf, tmp_path, monkeypatch):
+    import converters.gguf.export as export_module
+
+    monkeypatch.setattr(export_module, "CHUNK_BYTES", 1000)  # embeddings in blocks of a few rows
+    streamed = export_gguf(parent, tmp_path / "streamed.gguf", dtype="f32")
+    ours, reference = tensors_of(streamed), tensors_of(parent_gguf)
+    assert ours.keys() == reference.keys()
+    assert all(np.array_equal(ours[name][2], reference[name][2]) for name in reference)
+
+
 def test_stacked_experts_are_kept_experts_in_order(parent, pruned_gguf):
     from safetensors import safe_open
 
@@ -346,6 +361,14 @@ def test_unsupported_models_are_refused(tmp_path):
     dense = build_model("qwen3_moe", tmp_path / "dense", mlp_only_layers=[0])
     with pytest.raises(GGUFExportError, match=r"layers \[0\] are dense MLP layers"):
         export_gguf(dense, tmp_path / "d.gguf")
+    deepseek = build_model("deepseek_v3", tmp_path / "deepseek")
+    with pytest.raises(UnsupportedArchitecture, match="family 'deepseek_v3' has no GGUF export.*packager export onnx"):
+        export_gguf(deepseek, tmp_path / "f.gguf")
+    from tiny_models import write_mxfp4_layout
+
+    mxfp4 = write_mxfp4_layout(build_model("gpt_oss", tmp_path / "mxfp4", rope_parameters={**YARN, "truncate": True}))
+    with pytest.raises(GGUFExportError, match="stores experts in the 'mxfp4' layout"):
+        export_gguf(mxfp4, tmp_path / "g.gguf")
     config = json.loads((wordlevel / "config.json").read_text())
     (tmp_path / "other").mkdir()
     shutil.copy(wordlevel / "model.safetensors", tmp_path / "other" / "model.safetensors")

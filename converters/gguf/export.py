@@ -40,6 +40,7 @@ from packager.prune import read_provenance
 logger = logging.getLogger(__name__)
 
 DTYPES = ("f32", "f16")
+CHUNK_BYTES = 32 * 1024**2  # source bytes converted at a time for large 2-D tensors
 
 
 
@@ -76,6 +77,17 @@ class _Streamed:
                 self.on_bytes(chunk.nbytes)
         if written != self.nbytes:
             raise GGUFExportError(f"tensor {self.planned.name!r}: wrote {written} bytes, expected {self.nbytes}")
+
+
+def temp_path(out_file: Path) -> Path:
+    """The hidden sibling a GGUF is written to before the rename; stale ones of dead
+    processes (killed mid-write) are removed first."""
+    for stale in out_file.parent.glob(f".{out_file.name}.*.tmp"):
+        pid = stale.name[len(out_file.name) + 2:-len(".tmp")]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            logger.info("removing stale partial output %s", stale)
+            stale.unlink(missing_ok=True)
+    return out_file.with_name(f".{out_file.name}.{os.getpid()}.tmp")
 
 
 def quantized_path(out_file: str | Path, quant: str) -> Path:
@@ -252,9 +264,17 @@ def plan_tensors(reader: CheckpointReader, config: dict, arch: MoEArch, fam: GGU
         shape = tuple(info.shape)
         out = _out_dtype(len(shape), dtype, keep_f32)
 
-        def chunks(hf_name=hf_name, transform=transform):
-            array = _reader_array(reader, hf_name)
-            yield transform(array) if transform else array
+        def chunks(hf_name=hf_name, transform=transform, info=info):
+            if transform is not None or len(info.shape) < 2:
+                array = _reader_array(reader, hf_name)
+                yield transform(array) if transform else array
+                return
+            # big matrices (embeddings, lm_head) in row blocks: memory stays at one block
+            rows_per_block = max(1, CHUNK_BYTES // max(1, info.nbytes // info.shape[0]))
+            for start in range(0, info.shape[0], rows_per_block):
+                rows = range(start, min(start + rows_per_block, info.shape[0]))
+                raw = reader.read_bytes(hf_name, rows=rows)
+                yield bytes_to_float32(raw, info.dtype, (len(rows), *info.shape[1:]))
 
         planned.append(PlannedTensor(gguf_name, shape, out, chunks))
         used.add(hf_name)
@@ -443,7 +463,7 @@ def export_gguf(
         provenance = {"model_fingerprint": fingerprint, "parent_fingerprint": parent_fingerprint,
                       "plan": plan_summary, "source": source}
 
-        tmp = out_file.with_name(f".{out_file.name}.{os.getpid()}.tmp")
+        tmp = temp_path(out_file)
         writer = GGUFWriter(tmp, fam.gguf_arch)
         try:
             _add_metadata(writer, config, arch, fam, vocab, n_experts, dtype, provenance, model_dir.name)
@@ -456,7 +476,7 @@ def export_gguf(
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             total = sum(t.nbytes for t in tensors)
-            with _progress(progress, total, f"export {out_file.name}") as advance:
+            with progress_bar(progress, total, f"export {out_file.name}") as advance:
                 from gguf import GGUFEndian
 
                 for tensor in tensors:
@@ -482,7 +502,7 @@ def export_gguf(
     return out_file
 
 
-class _progress:
+class progress_bar:
     """rich progress over bytes written (no-op when disabled)."""
 
     def __init__(self, enabled: bool, total: int, label: str):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from converters.gguf.errors import GGUFExportError, GGUFFileError
-from converters.gguf.export import _progress
+from converters.gguf.export import progress_bar, temp_path
 from converters.gguf.families import KEY_FINGERPRINT, KEY_PARENT_FINGERPRINT, KEY_PLAN, KEY_SOURCE
 from converters.gguf.gguf_file import GGUFModelFacts, field_value, gguf_fingerprint, model_facts, open_gguf
 from packager import __version__
@@ -120,7 +120,7 @@ def prune_gguf(in_file: str | os.PathLike, plan: Plan | str | os.PathLike, out_f
         KEY_SOURCE: (json.dumps(source, sort_keys=True), GGUFValueType.STRING),
     }
 
-    tmp = out_file.with_name(f".{out_file.name}.{os.getpid()}.tmp")
+    tmp = temp_path(out_file)
     writer = GGUFWriter(tmp, facts.gguf_arch, endianess=reader.endianess)
     try:
         for field in reader.fields.values():
@@ -140,7 +140,7 @@ def prune_gguf(in_file: str | os.PathLike, plan: Plan | str | os.PathLike, out_f
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        with _progress(progress, sum(p.nbytes for p in payloads), f"prune {out_file.name}") as advance:
+        with progress_bar(progress, sum(p.nbytes for p in payloads), f"prune {out_file.name}") as advance:
             for payload in payloads:
                 writer.write_tensor_data(payload, tensor_endianess=reader.endianess)
                 if advance:

@@ -74,6 +74,7 @@ def quantize_gguf(in_file: str | os.PathLike, out_file: str | os.PathLike, quant
     """llama.cpp-quantize `in_file` to `out_file` (atomic) and write its export config."""
     import llama_cpp
 
+    from converters.gguf.export import temp_path
     from converters.gguf.export_config import write_export_config
     from converters.gguf.gguf_file import open_gguf
     from runtime.atomic import fsync_dir
@@ -87,7 +88,7 @@ def quantize_gguf(in_file: str | os.PathLike, out_file: str | os.PathLike, quant
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant_type}")
     params.nthread = n_threads or max(1, os.cpu_count() or 1)
     params.allow_requantize = False
-    tmp = out_file.with_name(f".{out_file.name}.{os.getpid()}.tmp")
+    tmp = temp_path(out_file)
     started = time.monotonic()
     from runtime.backends.llama_cpp_backend import llama_module
 
