@@ -31,7 +31,7 @@ demo: $(STAMP) data-eval
 	@echo "report: runs/demo/report/index.html"
 
 train-default: data-full
-	$(PY) -m models.train_default --minutes 80 --out models/default
+	$(PY) -m models.train_default --minutes 100 --out models/default
 
 eval-default: $(STAMP) data-eval
 	$(PY) -m models.evaluate_default --model models/default --data data/harvest --out models/default/EVAL.json

@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    parser.add_argument("--export-only", action="store_true",
+                        help="write the latest checkpoint to --out without training (e.g. to try an intermediate model)")
     args = parser.parse_args(argv)
 
     import torch
@@ -244,6 +246,15 @@ def main(argv: list[str] | None = None) -> int:
         say(f"training tokenizer (vocab {args.vocab}) on {len(train)} pairs")
         train_tokenizer(train, tok_dir, args.vocab)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    if args.export_only:
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**model_config(len(tokenizer))))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+        state = load_checkpoint(args.work, model, optimizer)
+        if state is None:
+            raise SystemExit(f"error: no checkpoint in {args.work / 'ckpt'}; train first")
+        export(model, tokenizer, args.out, state, args)
+        say(f"exported step {state['step']} to {args.out}")
+        return 0
     say("encoding examples")
     train_examples = encode_examples(tokenizer, train)
     dev_examples = encode_examples(tokenizer, dev)

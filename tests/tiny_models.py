@@ -23,8 +23,9 @@ SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|sep|>", "<|unk|>", "<|en|>
 WORDS = ("the a house cat dog is on in red blue file open save close window new edit view help "
          "das ein Haus Katze Hund ist auf im rot blau Datei neu Fenster le la maison chat chien est "
          "sur rouge bleu fichier ouvrir nouveau").split()
+# Same shape as the embedded default's template: the renderer passes source_lang / target_lang.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}<|{{ messages[0]['src_lang'] }}|><|{{ messages[0]['tgt_lang'] }}|>"
+    "{{ bos_token }}<|{{ source_lang }}|><|{{ target_lang }}|>"
     "{{ messages[0]['content'] }}<|sep|>"
 )
 
