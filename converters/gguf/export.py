@@ -29,6 +29,7 @@ from converters.gguf.families import (
     HEAD_DIM, KEY_FAMILY, KEY_FINGERPRINT, KEY_MOE_LAYERS, KEY_PARENT_FINGERPRINT, KEY_PLAN, KEY_SOURCE, KEY_VERSION,
     N_EXPERTS, ROPE_FACTOR, ROPE_ORIGINAL_CONTEXT, ROPE_THETA, ROPE_TYPE, TOP_K, FusedPart, GGUFFamily, gguf_family,
 )
+from converters.gguf.mxfp4 import dequantize_mxfp4
 from converters.gguf.vocab import GGUFVocab, read_vocab
 from packager import __version__
 from packager.arch import PER_LAYER_COUNTS_KEY, MoEArch, load_arch
@@ -225,12 +226,23 @@ def _part_shape(shape: tuple[int, ...], part: FusedPart) -> tuple[int, ...]:
     return tuple(reversed(shape)) if part.transpose else tuple(shape)
 
 
-def _fused_tensors(reader, arch, fam, layer_idx, n_experts, dtype, used) -> list[PlannedTensor]:
+def _expert_array(reader, name: str, info, expert_idx: int, scales_name: str | None) -> np.ndarray:
+    """One expert's slice of a fused tensor as float32 (MXFP4 blocks dequantised)."""
+    raw = reader.read_bytes(name, rows=[expert_idx])
+    if scales_name is None:
+        return bytes_to_float32(raw, info.dtype, info.shape[1:])
+    scales_info = reader.info(scales_name)
+    blocks = np.frombuffer(raw, dtype=np.uint8).reshape(info.shape[1:])
+    scales = np.frombuffer(reader.read_bytes(scales_name, rows=[expert_idx]), dtype=np.uint8).reshape(scales_info.shape[1:])
+    return dequantize_mxfp4(blocks, scales)
+
+
+def _fused_tensors(reader, arch, fam, layer_idx, n_experts, dtype, used, layout) -> list[PlannedTensor]:
     """Fused [E, ...] tensors, read expert by expert (row ranges) and cut into GGUF roles."""
     planned = []
     fused_names = arch.fused_expert_names(layer_idx)
     gguf_names = fam.expert_names(layer_idx)
-    for role, part in fam.fused.items():
+    for role, part in (fam.mxfp4 if layout == "mxfp4" else fam.fused).items():
         name = fused_names.get(part.source)
         if name is None or name not in reader:
             if part.source.endswith("bias"):
@@ -239,14 +251,19 @@ def _fused_tensors(reader, arch, fam, layer_idx, n_experts, dtype, used) -> list
         info = reader.info(name)
         if info.shape[0] != n_experts:
             raise GGUFExportError(f"{reader.model_dir}: {name!r} has {info.shape[0]} experts, config.json says {n_experts}")
+        scales_name = None
+        shape = info.shape[1:]
+        if part.source.endswith("_blocks"):
+            scales_name = fused_names[part.source[: -len("_blocks")] + "_scales"]
+            shape = (info.shape[1], info.shape[2] * 32)  # [out, groups, 16 bytes] -> [out, in]
+            used.add(scales_name)
 
-        def chunks(name=name, info=info, part=part):
+        def chunks(name=name, info=info, part=part, scales_name=scales_name):
             for expert_idx in range(n_experts):
-                raw = reader.read_bytes(name, rows=[expert_idx])
-                yield _take_part(bytes_to_float32(raw, info.dtype, info.shape[1:]), part)
+                yield _take_part(_expert_array(reader, name, info, expert_idx, scales_name), part)
 
         is_bias = len(info.shape) == 2
-        planned.append(PlannedTensor(gguf_names[role], (n_experts, *_part_shape(info.shape[1:], part)),
+        planned.append(PlannedTensor(gguf_names[role], (n_experts, *_part_shape(shape, part)),
                                      _out_dtype(3, dtype, keep_f32=is_bias), chunks))
         used.add(name)
     return planned
@@ -309,8 +326,8 @@ def plan_tensors(reader: CheckpointReader, config: dict, arch: MoEArch, fam: GGU
         layout = arch.detect_layout(layer_idx, n_experts, present)
         if layout == "per_expert":
             planned += _per_expert_tensors(reader, arch, fam, layer_idx, n_experts, dtype, used)
-        elif layout == "fused":
-            planned += _fused_tensors(reader, arch, fam, layer_idx, n_experts, dtype, used)
+        elif layout == "fused" or (layout == "mxfp4" and fam.mxfp4):
+            planned += _fused_tensors(reader, arch, fam, layer_idx, n_experts, dtype, used, layout)
         else:
             raise GGUFExportError(
                 f"{reader.model_dir}: layer {layer_idx} stores experts in the {layout!r} layout, which the GGUF "

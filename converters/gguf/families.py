@@ -114,6 +114,7 @@ class GGUFFamily:
     experts: Mapping[str, str]                 # expert role -> stacked GGUF template
     router: str
     fused: Mapping[str, FusedPart] = field(default_factory=lambda: dict(_FUSED_HALVES))  # role -> part of a fused tensor
+    mxfp4: Mapping[str, FusedPart] = field(default_factory=dict)  # role -> part of MXFP4 blocks (dequantised)
     router_bias: str | None = None
     score_bias: str | None = None
     hparams: tuple[tuple[str, str, str], ...] = _COMMON_HPARAMS  # (key under "{arch}.", type, source)
@@ -247,6 +248,15 @@ FAMILIES: dict[str, GGUFFamily] = {
             "gate": FusedPart("gate_up", "even", axis=1, transpose=True),
             "up": FusedPart("gate_up", "odd", axis=1, transpose=True),
             "down": FusedPart("down", transpose=True),
+            "gate_bias": FusedPart("gate_up_bias", "even", axis=0),
+            "up_bias": FusedPart("gate_up_bias", "odd", axis=0),
+            "down_bias": FusedPart("down_bias"),
+        },
+        # MXFP4 checkpoints store the weights [E, out, in] (blocks along in), gate/up rows interleaved
+        mxfp4={
+            "gate": FusedPart("gate_up_blocks", "even", axis=0),
+            "up": FusedPart("gate_up_blocks", "odd", axis=0),
+            "down": FusedPart("down_blocks"),
             "gate_bias": FusedPart("gate_up_bias", "even", axis=0),
             "up_bias": FusedPart("gate_up_bias", "odd", axis=0),
             "down_bias": FusedPart("down_bias"),

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 # user-facing name -> llama.cpp ftype constant name (LLAMA_FTYPE_MOSTLY_*)
 QUANT_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q5_1", "Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1",
-               "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_NL", "IQ4_XS", "F16", "BF16")
+               "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_NL", "IQ4_XS", "MXFP4_MOE", "F16", "BF16")
 K_QUANT_BLOCK = 256
 
 
