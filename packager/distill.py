@@ -26,6 +26,19 @@
 5. Output: a normal pruned checkpoint (config.json, tokenizer, chat template and pruning.json
    copied from the input, weights in the input's dtype and on-disk layout) plus
    `distillation.json` with the provenance. It appears atomically.
+
+On the embedded default (15M parameters) on 2 CPU cores: a few thousand parent translations
+take a minute or two, and 2-4 minutes of training recover most of the loss at 50% (see
+docs/results.md). For a 20-30B parent (Qwen3-30B-A3B, GPT-OSS-20B) on one GPU a user would
+set: `--device cuda --dtype bfloat16` (float32 does not fit), `--sentences` so that about
+10k sentences are translated in total (the paper's figure), `--gen-batch-size 64` or more,
+`--lr 1e-5` (a full fine-tune of a large model wants a far smaller rate than our 3e-4),
+`--batch-tokens 32768`, `--eval-every 200`, `--minutes 60`-`120`. Memory: AdamW keeps two
+moments per parameter, so bf16 weights + gradients + moments take about 8 bytes per
+parameter: one 80 GB GPU holds a pruned model of up to roughly 8B parameters (GPT-OSS-20B at
+75% dropped is 6.6B); larger ones need an 8-bit optimizer, gradient checkpointing or
+sharding, which this command does not provide. The GPU path is written but has not been run
+here (no GPU on the build machines).
 """
 from __future__ import annotations
 
@@ -56,6 +69,7 @@ CACHE_FORMAT = "edge-packager-parent-outputs/1"
 # tokenizer files that must be byte-identical between parent and pruned model
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class DistillError(PackagerError):
@@ -87,6 +101,7 @@ class DistillSettings:
     text_lang: str | None = None
     checkpoint_minutes: float = 5.0
     device: str = "cpu"
+    dtype: str = "float32"                 # weights of the parent and of the trained model
 
     def check(self) -> None:
         if not self.pairs:
@@ -106,6 +121,8 @@ class DistillSettings:
         for name in ("batch_tokens", "max_tokens", "eval_every", "patience", "max_new_tokens", "num_beams", "gen_batch_size"):
             if getattr(self, name) < 1:
                 raise DistillError(f"{name.replace('_', '-')} must be at least 1")
+        if self.dtype not in _DTYPES:
+            raise DistillError(f"--dtype {self.dtype!r}: use one of {', '.join(_DTYPES)}")
         if not 0 < self.dev_fraction < 1:
             raise DistillError(f"dev fraction {self.dev_fraction}: must be in (0, 1)")
 
@@ -245,6 +262,7 @@ def cache_key(parent_fingerprint: str, data: Sequence[Path], settings: DistillSe
         "seed": settings.seed,
         "max_new_tokens": settings.max_new_tokens,
         "num_beams": settings.num_beams,
+        "dtype": settings.dtype,
         "prompt_template": settings.prompt_template,
         "text_lang": settings.text_lang,
         "chat_template_sha256": chat_template_sha,
@@ -323,18 +341,18 @@ def greedy_generate(model, prompts: list[list[int]], eos_id: int, pad_id: int, *
     return results
 
 
-def _load_parent(parent_dir: Path):
+def _load_parent(parent_dir: Path, dtype: str = "float32"):
     """The parent for translation (a seam: tests assert a cached re-run never calls it)."""
     from packager.calibrate import load_model
 
-    return load_model(parent_dir)
+    return load_model(parent_dir, dtype)
 
 
 def parent_outputs(parent_dir: Path, samples: list[Sample], settings: DistillSettings, progress=None) -> list[dict]:
     """Translate every sample with the parent: rows {pair, source, ids, text, finished}."""
     from packager.calibrate import CalibrationError, PromptBuilder
 
-    loaded = _load_parent(parent_dir)
+    loaded = _load_parent(parent_dir, settings.dtype)
     if settings.device != "cpu":
         loaded.model.to(settings.device)
     try:
@@ -793,7 +811,7 @@ def distill(pruned_dir: str | os.PathLike, parent_dir: str | os.PathLike, data: 
         train_set = [examples[i] for i in order[n_dev:]]
         probe_set = train_set[:256]
 
-        model = load_pruned(pruned_dir, dtype=torch.float32)
+        model = load_pruned(pruned_dir, dtype=getattr(torch, settings.dtype))
         model.to(settings.device)
         for param in model.parameters():
             param.requires_grad_(True)

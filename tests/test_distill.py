@@ -103,9 +103,9 @@ def first_run(pruned, parent, data, work):
     calls = []
     real = distill_module._load_parent
 
-    def counting(path):
+    def counting(path, dtype):
         calls.append(path)
-        return real(path)
+        return real(path, dtype)
 
     distill_module._load_parent = counting
     try:
@@ -166,7 +166,7 @@ def test_output_exports_to_gguf_with_parity(first_run, work):
 
 
 def test_cached_parent_outputs_are_reused(first_run, pruned, parent, data, work, monkeypatch):
-    def forbidden(path):
+    def forbidden(*args):
         raise AssertionError("the parent must not be loaded when its outputs are cached")
 
     monkeypatch.setattr(distill_module, "_load_parent", forbidden)
@@ -203,7 +203,7 @@ def test_interrupted_run_resumes_to_the_same_weights(first_run, pruned, parent, 
 
 
 def test_sft_on_references_never_loads_the_parent(pruned, parent, data, work, monkeypatch):
-    monkeypatch.setattr(distill_module, "_load_parent", lambda path: pytest.fail("SFT must not run the parent"))
+    monkeypatch.setattr(distill_module, "_load_parent", lambda *args: pytest.fail("SFT must not run the parent"))
     settings = DistillSettings(**{**FAST, "targets": "references", "max_steps": 8})
     result = distill(pruned, parent, [data], settings, work / "sft", cache_dir=work / "cache")
     prov = result.provenance
@@ -275,11 +275,32 @@ def test_empty_data_and_settings_errors(pruned, parent, data, work):
     assert not any((work / name).exists() for name in ("bad5", "bad6", "bad7"))
 
 
-def test_unfinished_parent_outputs_are_dropped_by_default(pruned, parent, data, work):
-    # the random parent never emits the end token within 12 tokens: nothing left to train on
-    settings = DistillSettings(**{**FAST, "keep_unfinished": False})
+def test_unfinished_and_empty_parent_outputs_are_dropped(pruned, parent, data, work, monkeypatch):
+    # parent outputs with known endings: every 3rd is cut by the bound, every 3rd+1 is empty
+    def fake_outputs(parent_dir, samples, settings, progress=None):
+        rows = []
+        for i, sample in enumerate(samples):
+            finished, text = (False, "Haus Haus") if i % 3 == 0 else (True, "" if i % 3 == 1 else "das Haus")
+            ids = [2] if text == "" else [40, 41] + ([2] if finished else [])
+            rows.append({"pair": sample.pair, "source": sample.source, "ids": ids, "text": text, "finished": finished})
+        return rows
+
+    monkeypatch.setattr(distill_module, "parent_outputs", fake_outputs)
+    settings = DistillSettings(**{**FAST, "keep_unfinished": False, "max_steps": 1, "max_new_tokens": 7})
+    result = distill(pruned, parent, [data], settings, work / "dropped", cache_dir=work / "cache-fake")
+    sentences = result.provenance["sentences"]
+    assert sentences["dropped"] == {"unfinished": 20, "empty": 20, "too_long": 0}
+    assert sentences["train"] + sentences["dev"] == 20
+    kept = DistillSettings(**{**FAST, "keep_unfinished": True, "max_steps": 1, "max_new_tokens": 7})
+    result = distill(pruned, parent, [data], kept, work / "kept", cache_dir=work / "cache-fake")
+    assert result.provenance["sentences"]["dropped"] == {"unfinished": 0, "empty": 20, "too_long": 0}
+    # nothing usable left: a clear error
+    monkeypatch.setattr(distill_module, "parent_outputs",
+                        lambda d, samples, s, p=None: [{**row, "finished": False} for row in fake_outputs(d, samples, s)])
+    nothing = DistillSettings(**{**FAST, "keep_unfinished": False, "max_new_tokens": 6})
     with pytest.raises(DistillError, match=r"only 0 usable training example\(s\) after dropping \{'unfinished': 60"):
-        distill(pruned, parent, [data], settings, work / "bad8", cache_dir=work / "cache")
+        distill(pruned, parent, [data], nothing, work / "bad8", cache_dir=work / "cache-fake")
+    assert not (work / "bad8").exists()
 
 
 def test_cli_prints_one_error_line(pruned, parent, work):

@@ -39,16 +39,20 @@ import click
               help="resumable training state (default: .OUT.distill-work beside --out)")
 @click.option("--keep-work", is_flag=True, help="keep the training state after success")
 @click.option("--device", default="cpu", show_default=True, help="torch device for the parent and the training, e.g. cuda")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="weights of the parent and of the model in training (bfloat16 for large models on a GPU)")
 @click.option("--force", is_flag=True, help="replace --out if it exists")
 def distill_command(pruned_dir: Path, parent_dir: Path, data: tuple[Path, ...], pairs: str, out_dir: Path, targets: str,
                     sentences: int, max_steps: int | None, minutes: float | None, lr: float, batch_tokens: int,
                     eval_every: int, patience: int, seed: int, max_new_tokens: int, num_beams: int,
                     keep_unfinished: bool, gen_batch_size: int, prompt_template: str, text_lang: str | None,
-                    cache_dir: Path | None, work_dir: Path | None, keep_work: bool, device: str, force: bool) -> None:
+                    cache_dir: Path | None, work_dir: Path | None, keep_work: bool, device: str, dtype: str,
+                    force: bool) -> None:
     """Recover a pruned model by fine-tuning it on its parent's translations.
 
     Every parameter of PRUNED_DIR is trained (full fine-tune); the output is a pruned
-    checkpoint that the export commands accept."""
+    checkpoint that the export commands accept. For a 20-30B parent on a GPU see the
+    notes at the top of packager/distill.py (--device cuda --dtype bfloat16 --lr 1e-5 ...)."""
     from packager.calibrate import CalibrationError, parse_pair_list
     from packager.distill import DistillError, DistillSettings, distill
 
@@ -60,7 +64,7 @@ def distill_command(pruned_dir: Path, parent_dir: Path, data: tuple[Path, ...], 
         pairs=slugs, targets=targets, sentences=sentences, max_steps=max_steps, minutes=minutes, lr=lr,
         batch_tokens=batch_tokens, eval_every=eval_every, patience=patience, seed=seed, max_new_tokens=max_new_tokens,
         num_beams=num_beams, keep_unfinished=keep_unfinished, gen_batch_size=gen_batch_size,
-        prompt_template=prompt_template, text_lang=text_lang, device=device,
+        prompt_template=prompt_template, text_lang=text_lang, device=device, dtype=dtype,
     )
     result = distill(pruned_dir, parent_dir, list(data), settings, out_dir, cache_dir=cache_dir, work_dir=work_dir,
                      force=force, keep_work=keep_work, command=shlex.join(sys.argv), show_progress=True)

@@ -1,0 +1,149 @@
+"""The experiment driver end to end on a tiny random Qwen3-MoE (quick grid): the structure of
+results.json, plans that match the planner, mask mode equal to pruned files, the generated
+page, and a re-run that computes nothing (every cell cached)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from test_distill import _write_bpe_tokenizer
+from tiny_models import build_tiny
+
+import packager.distill as distill_module
+from packager.experiments import QUICK, RESULTS_SCHEMA, Experiment, ExperimentError
+from packager.planning import PlanSettings, global_iou, plan_keep
+from packager.stats import RoutingStats
+
+REPO = Path(__file__).resolve().parents[1]
+HARVEST = REPO / "data" / "harvest"
+RANKERS = ("routing-mass", "frequency", "reap", "random", "inverted")
+ALLOCATIONS = ("uniform", "dynamic", "inverted-dynamic")
+CONFIG = replace(QUICK, threads=1, sample=6, calib_sentences=12, distill_sentences=16)
+
+
+def _records(split: str, lang: str, limit: int) -> list[dict]:
+    found = []
+    with (HARVEST / f"{split}.jsonl").open(encoding="utf-8") as handle:
+        for line in handle:
+            record = json.loads(line)
+            if record["tgt_lang"] == lang and len(record["src"]) < 30 and len(record["tgt"]) < 40:
+                found.append({k: record[k] for k in ("src_lang", "tgt_lang", "src", "tgt")})
+                if len(found) >= limit:
+                    break
+    return found
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    if not (HARVEST / "test.jsonl").is_file():
+        pytest.skip("harvested data missing: run `make data-eval`")
+    work = tmp_path_factory.mktemp("experiments")
+    data = work / "data"
+    data.mkdir()
+    everything = []
+    for split, limit in (("train", 40), ("dev", 30), ("test", 20)):
+        records = _records(split, "de", limit) + _records(split, "fr", limit)
+        everything += records
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    model = build_tiny("qwen3_moe", work / "model", vocab_size=320)
+    _write_bpe_tokenizer(model, everything)
+    experiment = Experiment(model, data, work / "out", CONFIG, work / "docs" / "results.md", show_progress=False,
+                            command="test")
+    return work, model, data, experiment.run()
+
+
+def test_results_structure(setup):
+    work, model, data, results = setup
+    assert results["schema"] == RESULTS_SCHEMA
+    assert results["model"]["n_experts"] == 8 and results["model"]["top_k"] == 2 and results["model"]["moe_layers"] == [0, 1]
+    assert results["setup"]["calibration"]["pairs"] == ["de-en", "en-de", "en-fr", "fr-en"]
+    assert sorted(results["parent"]["directions"]) == ["en-de", "en-fr"]
+    sweep = results["sweep"]
+    assert len(sweep) == 2 * 2 * 5 * 3  # packs x drops x rankers x allocations
+    assert {(r["pack"], r["drop"], r["ranker"], r["allocation"]) for r in sweep} == {
+        (p, d, r, a) for p in ("en->de", "en->de,fr") for d in (0.5, 0.75) for r in RANKERS for a in ALLOCATIONS}
+    for row in sweep:
+        assert "error" not in row, row
+        assert list(row["directions"]) == (["en-de"] if row["pack"] == "en->de" else ["en-de", "en-fr"])
+        assert sum(row["counts"]) == (8 if row["drop"] == 0.5 else 4)
+        for metrics in row["directions"].values():
+            assert metrics["n"] == 6 and 0 <= metrics["chrf++"] <= 100 and 0 <= metrics["error_rate"] <= 1
+            assert set(metrics["errors"]) == {"empty", "repetition", "length_ratio", "wrong_script", "wrong_language",
+                                              "lost_placeholder"}
+        assert row["mean"]["n"] == 6 * len(row["directions"])
+    # at 75% every layer keeps top-k = 2: the three allocations are one mask
+    for pack in ("en->de", "en->de,fr"):
+        for ranker in RANKERS:
+            rows = [r for r in sweep if r["pack"] == pack and r["ranker"] == ranker and r["drop"] == 0.75]
+            assert len({r["keep_sha256"] for r in rows}) == 1 and all(r["counts"] == [2, 2] for r in rows)
+            assert len({json.dumps(r["directions"], sort_keys=True) for r in rows}) == 1
+
+
+def test_plans_match_the_planner_and_overlap_is_recomputable(setup):
+    work, model, data, results = setup
+    stats = RoutingStats.load(work / "out" / "stats.safetensors")
+    for row in results["overlap"]:
+        keeps = [plan_keep(stats, PlanSettings(langs=(lang,), drop_ratio=row["drop"], allocation=row["allocation"]))[0]
+                 for lang in ("de", "fr")]
+        assert row["pairwise"][0]["iou"] == global_iou(keeps) == row["all"]["iou"]
+        assert 0 < row["pairwise"][0]["random_iou"] < 1
+    assert [(r["drop"], r["allocation"]) for r in results["overlap"]] == [
+        (0.5, "uniform"), (0.5, "dynamic"), (0.75, "uniform"), (0.75, "dynamic")]
+
+
+def test_recovery_and_noise(setup):
+    work, model, data, results = setup
+    best = results["best_plan"]
+    assert (best["ranker"], best["allocation"]) in {(r, a) for r in RANKERS for a in ALLOCATIONS}
+    assert best["mean_chrf++"] == max(c["mean_chrf++"] for c in best["candidates"])
+    recovery = results["recovery"]
+    assert recovery["pack"] == "en->de,fr" and [r["drop"] for r in recovery["rows"]] == [0.5, 0.75]
+    for row in recovery["rows"]:
+        for key in ("pruned", "references", "parent"):
+            assert list(row[key]["directions"]) == ["en-de", "en-fr"]
+        assert row["parent"]["training"]["step"] == 3 and row["references"]["training"]["step"] == 3
+        assert row["parent"]["sentences"]["sampled"] == 32  # 16 per direction
+        # the pruned files score exactly like the mask mode
+        assert row["pruned_equals_mask"] == {"en-de": True, "en-fr": True}
+        assert (work / "out" / "models" / f"distill-{int(row['drop'] * 1000):04d}" / "distillation.json").is_file()
+    noise = results["noise"]
+    assert [r["sample"] for r in noise["test_samples"]["rows"]] == [0, 1]
+    assert [r["seed"] for r in noise["random_seeds"]["rows"]] == [0, 1]
+    for name in ("sweep-en-de.png", "sweep-en-de-fr.png", "recovery.png", "overlap.png"):
+        assert (work / "out" / "plots" / name).stat().st_size > 1000
+
+
+def test_generated_page(setup):
+    work, model, data, results = setup
+    page = (work / "docs" / "results.md").read_text()
+    assert "do not edit by hand" in page
+    for heading in ("## Setup", "## Findings", "## Parent", "## Sweep en->de (mask mode)", "## Sweep en->de,fr (mask mode)",
+                    "## Recovery (en->de,fr", "## Mask overlap", "## Noise (en-de)"):
+        assert heading in page
+    sweep_table = page.split("## Sweep en->de (mask mode)")[1].split("Plot:")[0]
+    assert len([line for line in sweep_table.splitlines() if line.startswith("| ") and "---" not in line]) == 1 + 15
+    assert "Routing mass vs random ranking" in page and "Dynamic vs uniform allocation" in page
+
+
+def test_rerun_reuses_every_cell(setup, monkeypatch):
+    work, model, data, results = setup
+    monkeypatch.setattr(distill_module, "greedy_generate", lambda *a, **k: pytest.fail("a cached cell was recomputed"))
+    again = Experiment(model, data, work / "out", CONFIG, work / "docs" / "again.md", show_progress=False, command="test").run()
+    assert again["cells"]["computed"] == 0
+    assert again["cells"]["cached"] == results["cells"]["computed"] + results["cells"]["cached"]
+    for key in ("sweep", "parent", "best_plan", "noise", "overlap"):
+        assert again[key] == results[key]
+
+
+def test_missing_data_is_one_error_line(tmp_path):
+    with pytest.raises(ExperimentError, match=r"train\.jsonl: harvested split not found"):
+        Experiment(tmp_path, tmp_path, tmp_path / "out", CONFIG, None)
+    proc = subprocess.run([sys.executable, "-m", "packager.experiments", "--data", str(tmp_path), "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'train.jsonl'}: harvested split not found; run "
+                                                "`make data-eval` (or `python -m models.harvest`) first"]
