@@ -1,0 +1,441 @@
+"""`export_onnx`: a (pruned) Hugging Face MoE checkpoint -> a directory the ONNX Runtime
+backend loads:
+
+    model.onnx           decoder graph with KV cache (+ model.onnx.data for large models)
+    tokenizer.json       the model's tokenizer
+    model.export.json    runtime.schema.ExportConfig: prompt template, stop tokens, per-layer
+                         expert counts, quantization record, fingerprints, provenance
+
+The directory appears atomically: everything is written into a temporary sibling, fsynced,
+then renamed. Exporter: torch.onnx's TorchScript path on our own graph module (graph.py);
+the dynamo path gives the same graph but took 4-10x longer here (see the report).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+from converters.onnx.errors import OnnxExportError
+from converters.onnx.options import DEFAULT_FORMULATION, FORMULATIONS, SUPPORTED_FAMILIES
+from converters.onnx.quantize import check_quant, quantize_model
+from packager import __version__
+from packager.errors import OutputExistsError, PackagerError
+from runtime.backends import export_config_path
+from runtime.backends.onnx_backend import CONTRIB_OPS_NOTE, graph_input_names, graph_output_names
+from runtime.errors import EdgeError
+from runtime.schema import ExportConfig
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+TOKENIZER_FILE = "tokenizer.json"
+OPSET = 17
+# protobuf cannot hold 2 GiB; well below that, external data also lets ORT map the weights
+EXTERNAL_DATA_THRESHOLD_BYTES = 256 * 1024**2
+# fp32 export vs transformers on probe sequences; measured ~1e-6 (tiny) and ~1e-5 (default)
+CHECK_TOLERANCE = 1e-3
+SPECIAL_ROLES = ("bos", "eos", "pad", "unk", "sep")
+
+
+# ----------------------------------------------------------------------------- small helpers
+def _proc_status() -> dict[str, int]:
+    """VmHWM (peak RSS), VmRSS, RssAnon in bytes (Linux; empty elsewhere)."""
+    values = {}
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                key, _, rest = line.partition(":")
+                if key in ("VmHWM", "VmRSS", "RssAnon"):
+                    values[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    return values
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and give the usual permissions (temp files are created 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    root.chmod(0o777 & ~umask)
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+    from runtime.atomic import fsync_dir
+
+    fsync_dir(root)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise OnnxExportError(f"{path}: {what} not found; MODEL_DIR must be a Hugging Face save_pretrained directory") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OnnxExportError(f"{path}: {what} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise OnnxExportError(f"{path}: {what} must be a JSON object")
+    return data
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {"packager": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+class _Stages:
+    """One rich progress line per stage (or plain log lines when progress is off)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.progress = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(SpinnerColumn(), TextColumn("onnx: {task.description}"), TimeElapsedColumn(), transient=True)
+            self.progress.start()
+        return self
+
+    @contextmanager
+    def stage(self, description: str):
+        logger.info("onnx: %s", description)
+        task = self.progress.add_task(description, total=1) if self.progress else None
+        yield
+        if task is not None:
+            self.progress.update(task, completed=1)
+
+    def __exit__(self, *exc):
+        if self.progress:
+            self.progress.stop()
+
+
+# ------------------------------------------------------------------------------ model inputs
+def _tokenizer_facts(model_dir: Path, vocab_size: int) -> tuple[dict[str, str], list[str]]:
+    """Special tokens by role and stop tokens, checked against tokenizer.json and the model."""
+    from tokenizers import Tokenizer
+
+    from runtime.prompt import special_tokens_of
+
+    path = model_dir / TOKENIZER_FILE
+    if not path.is_file():
+        raise OnnxExportError(f"{path}: not found; the ONNX runtime tokenizes with tokenizer.json, save it with the model")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises plain Exception
+        raise OnnxExportError(f"{path}: not a valid tokenizers file ({' '.join(str(exc).split())[:200]})") from None
+    n_tokens = tokenizer.get_vocab_size(with_added_tokens=True)
+    if n_tokens > vocab_size:
+        raise OnnxExportError(
+            f"{path}: the tokenizer has {n_tokens} tokens but config.json says vocab_size {vocab_size}: "
+            f"tokenizer and model do not belong together"
+        )
+    special = {}
+    for key, token in special_tokens_of(model_dir).items():
+        role = key[: -len("_token")]
+        if role in SPECIAL_ROLES and tokenizer.token_to_id(token) is not None:
+            special[role] = token
+    stop = []
+    generation = model_dir / "generation_config.json"
+    eos_ids = _read_json(generation, "generation_config.json").get("eos_token_id") if generation.is_file() else None
+    for token_id in ([eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])):
+        token = tokenizer.id_to_token(int(token_id))
+        if token is not None and token not in stop:
+            stop.append(token)
+    if "eos" in special and special["eos"] not in stop:
+        stop.insert(0, special["eos"])
+    if not stop:
+        raise OnnxExportError(f"{model_dir}: no end-of-sequence token (tokenizer_config.json eos_token or "
+                              f"generation_config.json eos_token_id); generation could not stop")
+    return special, stop
+
+
+def _load_model(model_dir: Path):
+    import torch
+
+    from packager import load_pruned
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress line covers loading
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = load_pruned(model_dir, dtype=torch.float32)
+    except PackagerError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise OnnxExportError(f"{model_dir}: transformers could not load the checkpoint ({' '.join(str(exc).split())[:300]})") from None
+    model.eval()
+    return model
+
+
+def _parent_facts(model_dir: Path) -> tuple[str, str, dict | None]:
+    from packager.fingerprint import model_fingerprint
+    from packager.prune import read_provenance
+
+    fingerprint = model_fingerprint(model_dir)
+    pruned = read_provenance(model_dir) or {}
+    plan = None
+    if pruned:
+        plan = {"sha256": pruned.get("plan", {}).get("sha256"), "meta": pruned.get("plan", {}).get("meta", {}),
+                "keep": pruned.get("keep")}
+    return fingerprint, pruned.get("parent_fingerprint", fingerprint), plan
+
+
+def _input_files(model_dir: Path, hash_inputs: bool) -> dict:
+    from packager.fingerprint import file_sha256
+
+    files = {}
+    for path in sorted(model_dir.iterdir()):
+        if path.is_file() and (path.suffix in (".safetensors", ".json", ".jinja")):
+            entry = {"bytes": path.stat().st_size}
+            if hash_inputs or path.suffix != ".safetensors":
+                entry["sha256"] = file_sha256(path)
+            files[path.name] = entry
+    return files
+
+
+def _languages(plan: dict | None) -> list[str]:
+    from runtime.errors import LanguageError
+    from runtime.languages import parse_language
+
+    codes = []
+    for item in ((plan or {}).get("meta") or {}).get("languages") or []:
+        try:
+            code = parse_language(item).code
+        except (LanguageError, TypeError):
+            continue
+        if code not in codes:
+            codes.append(code)
+    return codes
+
+
+# ------------------------------------------------------------------------------ the export
+def torch_export(graph, path: Path, opset: int = OPSET) -> None:
+    """Trace `graph` (a converters.onnx.graph.DecoderGraph) to `path` with dynamic batch,
+    sequence and cache lengths. The example has a non-empty cache and batch 2 so no size
+    is specialised to 0 or 1."""
+    import torch
+
+    from converters.onnx.moe_ops import register_symbolic
+
+    register_symbolic()
+    shape = graph.shape
+    batch, n_past, seq = 2, 3, 4
+    input_ids = torch.zeros((batch, seq), dtype=torch.int64)
+    attention_mask = torch.ones((batch, n_past + seq), dtype=torch.int64)
+    position_ids = torch.arange(n_past, n_past + seq)[None].expand(batch, seq).contiguous()
+    past = [torch.zeros((batch, shape.n_kv_heads, n_past, shape.head_dim)) for _ in range(2 * shape.n_layers)]
+    inputs, outputs = graph_input_names(shape.n_layers), graph_output_names(shape.n_layers)
+    axes = {inputs[0]: {0: "batch", 1: "sequence"}, inputs[1]: {0: "batch", 1: "total_sequence"},
+            inputs[2]: {0: "batch", 1: "sequence"}, outputs[0]: {0: "batch", 1: "sequence"}}
+    axes.update({name: {0: "batch", 2: "past_sequence"} for name in inputs[3:]})
+    axes.update({name: {0: "batch", 2: "total_sequence"} for name in outputs[1:]})
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about Python ints in shapes: none is data-dependent
+        torch.onnx.export(
+            graph, (input_ids, attention_mask, position_ids, *past), str(path), dynamo=False,
+            input_names=inputs, output_names=outputs, dynamic_axes=axes, opset_version=opset,
+            do_constant_folding=True,
+        )
+
+
+def _save(model, directory: Path, threshold_bytes: int) -> list[str]:
+    import onnx
+
+    size = sum(len(init.raw_data) for init in model.graph.initializer)
+    target = directory / MODEL_FILE
+    if size > threshold_bytes:
+        onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA_FILE, size_threshold=1024)
+        return [MODEL_FILE, DATA_FILE]
+    onnx.save_model(model, str(target))
+    return [MODEL_FILE]
+
+
+def _router_names(graph) -> set[str]:
+    from converters.onnx.moe_ops import RoutedExperts
+
+    names = set()
+    for module_name, module in graph.named_modules():
+        if isinstance(module, RoutedExperts):
+            names |= {name for name, param in graph.named_parameters() if param is module.router}
+    return names
+
+
+def _contrib_ops(model) -> list[str]:
+    return sorted({node.op_type for node in model.graph.node if node.domain == "com.microsoft"})
+
+
+def export_onnx(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    quant: str = "fp32",
+    *,
+    formulation: str = DEFAULT_FORMULATION,
+    force: bool = False,
+    progress: bool = False,
+    hash_inputs: bool = True,
+    check: bool = True,
+    external_data_threshold_bytes: int = EXTERNAL_DATA_THRESHOLD_BYTES,
+) -> Path:
+    """Export `model_dir` to the directory `out_dir` (see the module docstring); returns it."""
+    import onnx
+
+    from packager.arch import load_arch
+    from runtime.prompt import PromptRenderer
+
+    started = time.monotonic()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    check_quant(quant)
+    if formulation not in FORMULATIONS:
+        raise OnnxExportError(f"MoE formulation {formulation!r} unknown; choose one of {', '.join(FORMULATIONS)}")
+    if not model_dir.is_dir():
+        raise OnnxExportError(f"{model_dir}: not a directory; MODEL_DIR must be a Hugging Face checkpoint directory")
+    config = _read_json(model_dir / "config.json", "config.json")
+    arch = load_arch(config)
+    if arch.family not in SUPPORTED_FAMILIES:
+        raise OnnxExportError(
+            f"{model_dir}: the ONNX exporter supports {', '.join(SUPPORTED_FAMILIES)}, not {arch.family}; "
+            f"use `packager export gguf` for this model"
+        )
+    vocab_size = int(config.get("vocab_size") or 0)
+    special, stop = _tokenizer_facts(model_dir, vocab_size)
+    try:
+        template = PromptRenderer.from_model_dir(model_dir).template_text
+    except EdgeError as exc:
+        raise OnnxExportError(str(exc)) from None
+    if out_dir.exists() and not force:
+        raise OutputExistsError(f"{out_dir}: output exists; choose another directory or pass --force")
+    if not out_dir.parent.is_dir():
+        raise OnnxExportError(f"{out_dir.parent}: output parent directory does not exist")
+
+    from converters.onnx.check import compare_with_transformers, open_session, probe_sequences
+    from converters.onnx.graph import DecoderGraph
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        with _Stages(progress) as stages:
+            with stages.stage("load checkpoint"):
+                model = _load_model(model_dir)
+                fingerprint, parent_fingerprint, plan = _parent_facts(model_dir)
+                graph = DecoderGraph(model, arch, formulation, share_embedding=quant == "fp32").eval()
+                shape = graph.shape
+            with stages.stage(f"export fp32 graph ({formulation} MoE)"):
+                raw_path = staging / "fp32.onnx"
+                torch_export(graph, raw_path)
+                routers = _router_names(graph)
+                del graph
+            export_check = None
+            prompts = probe_sequences(shape.vocab_size)
+            if check:
+                with stages.stage("check fp32 graph against transformers"):
+                    report = compare_with_transformers(open_session(raw_path), model, prompts, shape.n_layers,
+                                                       shape.n_kv_heads, shape.head_dim)
+                    export_check = {"fp32": report.as_dict(), "tolerance": CHECK_TOLERANCE}
+                    if not report.max_abs <= CHECK_TOLERANCE:
+                        raise OnnxExportError(
+                            f"{model_dir}: the exported graph differs from transformers by {report.max_abs:.3g} "
+                            f"(tolerance {CHECK_TOLERANCE}); this is an exporter bug, please report it"
+                        )
+            onnx_model = onnx.load(str(raw_path))
+            with stages.stage(f"quantize ({quant})"):
+                onnx_model, quantization = quantize_model(onnx_model, quant, routers, staging)
+            with stages.stage("write model"):
+                model_files = _save(onnx_model, staging, external_data_threshold_bytes)
+                raw_path.unlink()
+                contrib = _contrib_ops(onnx_model)
+                del onnx_model
+            if check and quant != "fp32":
+                with stages.stage(f"measure {quant} divergence"):
+                    report = compare_with_transformers(open_session(staging / MODEL_FILE), model, prompts,
+                                                       shape.n_layers, shape.n_kv_heads, shape.head_dim)
+                    export_check[quant] = report.as_dict()
+            shutil.copyfile(model_dir / TOKENIZER_FILE, staging / TOKENIZER_FILE)
+            memory = _proc_status()
+            quantization["bytes"] = {name: (staging / name).stat().st_size for name in model_files}
+            export_config = ExportConfig(
+                format="onnx",
+                model_files=model_files,
+                family=arch.family,
+                prompt_template=template,
+                stop_tokens=stop,
+                special_tokens=special,
+                tokenizer=TOKENIZER_FILE,
+                top_k=shape.top_k,
+                n_experts=dict(shape.n_experts),
+                parent_n_experts=None if plan else max(shape.n_experts.values()),
+                quantization=quantization,
+                parent_fingerprint=parent_fingerprint,
+                plan=plan,
+                languages=_languages(plan),
+                provenance={
+                    "model_fingerprint": fingerprint,
+                    "source": {"model_dir": str(model_dir.absolute()), "files": _input_files(model_dir, hash_inputs)},
+                    "command": sys.argv,
+                    "versions": _versions(),
+                    "created_unix": int(time.time()),
+                    "seconds": round(time.monotonic() - started, 2),
+                    "peak_rss_bytes": memory.get("VmHWM"),
+                    "rss_anon_bytes_at_end": memory.get("RssAnon"),
+                },
+                extra={
+                    "n_layers": shape.n_layers,
+                    "n_kv_heads": shape.n_kv_heads,
+                    "head_dim": shape.head_dim,
+                    "hidden_size": shape.hidden_size,
+                    "vocab_size": shape.vocab_size,
+                    "max_position_embeddings": int(config.get("max_position_embeddings") or 2048),
+                    "inputs": graph_input_names(shape.n_layers),
+                    "outputs": graph_output_names(shape.n_layers),
+                    "opset": OPSET,
+                    "exporter": "torch.onnx (TorchScript) on converters.onnx.graph.DecoderGraph",
+                    "moe_formulation": formulation,
+                    "contrib_ops": contrib,
+                    "portability": CONTRIB_OPS_NOTE if contrib else "standard ONNX operators only",
+                    "export_check": export_check,
+                },
+            )
+            export_config.save(export_config_path(staging / MODEL_FILE))
+        _fsync_tree(staging)
+        _replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("onnx: wrote %s (%s) in %.1fs", out_dir, ", ".join(model_files), time.monotonic() - started)
+    return out_dir
+
+
+def _replace_dir(staging: Path, out_dir: Path) -> None:
+    """Rename the finished staging directory onto out_dir (an old out_dir goes only after)."""
+    from runtime.atomic import fsync_dir
+
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+        old.rmdir()
+        os.rename(out_dir, old)
+    os.rename(staging, out_dir)
+    fsync_dir(out_dir.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["export_onnx", "torch_export", "MODEL_FILE", "DATA_FILE", "TOKENIZER_FILE"]
