@@ -81,26 +81,26 @@ def _divergence(reference_file: Path, quant_files: dict[str, Path], sentences) -
     return out
 
 
-def bench_default(work: Path, quants: tuple[str, ...], n_sentences: int) -> dict:
-    if not (DEFAULT_MODEL / "config.json").is_file():
-        return {"skipped": f"{DEFAULT_MODEL} does not exist yet (the default model is trained by `make train-default`)"}
+def bench_default(work: Path, quants: tuple[str, ...], n_sentences: int, model: Path = DEFAULT_MODEL) -> dict:
+    if not (model / "config.json").is_file():
+        return {"skipped": f"{model} does not exist yet (the default model is trained by `make train-default`)"}
     from packager.arch import load_arch
     from packager.fingerprint import model_fingerprint
     from packager.plan_file import Plan
     from packager.prune import prune_checkpoint
 
-    config = json.loads((DEFAULT_MODEL / "config.json").read_text())
+    config = json.loads((model / "config.json").read_text())
     arch = load_arch(config)
     n_experts = arch.n_experts(config)
     rng = random.Random(0)
     keep = {layer_idx: sorted(rng.sample(range(n_experts), n_experts // 2)) for layer_idx in arch.moe_layers(config)}
-    plan = Plan(model_fingerprint(DEFAULT_MODEL), keep, {"ranker": "random", "allocation": "uniform", "drop_ratio": 0.5,
+    plan = Plan(model_fingerprint(model), keep, {"ranker": "random", "allocation": "uniform", "drop_ratio": 0.5,
                                                           "note": "gguf benchmark"})
     pruned = work / "default-pruned"
     shutil.rmtree(pruned, ignore_errors=True)
-    prune_checkpoint(DEFAULT_MODEL, plan, pruned)
+    prune_checkpoint(model, plan, pruned)
 
-    result = {"model": str(DEFAULT_MODEL), "plan": {"kept_experts_per_layer": n_experts // 2, "of": n_experts},
+    result = {"model": str(model), "model_bytes": sum(p.stat().st_size for p in model.glob("*.safetensors")), "plan": {"kept_experts_per_layer": n_experts // 2, "of": n_experts},
               "checkpoint_bytes": sum(p.stat().st_size for p in pruned.glob("*.safetensors")), "exports": {}}
     for dtype in ("f32", "f16"):
         out = work / f"default-pruned.{dtype}.gguf"
@@ -206,6 +206,7 @@ def bench_synthetic(work: Path, layers: int, keep_files: bool) -> dict:
                          "input_bytes_per_second": input_bytes / run["seconds"]}}
     if not keep_files:
         out.unlink(missing_ok=True)
+        out.with_name(out.stem + ".export.json").unlink(missing_ok=True)
     return result
 
 
@@ -215,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=3, help="layers of the synthetic checkpoint (each ~1.25 GB)")
     parser.add_argument("--quant", default=",".join(QUANTS), help="quant types for the default model")
     parser.add_argument("--sentences", type=int, default=20, help="test sentences for the logit divergence")
-    parser.add_argument("--skip-synthetic", action="store_true")
+    parser.add_argument("--default-model", type=Path, default=DEFAULT_MODEL, help="the default model checkpoint")
+    parser.add_argument("--skip-synthetic", action="store_true", help="keep the synthetic result of the previous run")
     parser.add_argument("--keep-files", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -227,8 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     baseline = _measured([sys.executable, "-c", "import packager.cli, converters.gguf.export, converters.gguf.quantize, llama_cpp"])
     print("default model ...", flush=True)
-    default = bench_default(args.work, tuple(parse_quant_types(args.quant)), args.sentences)
+    default = bench_default(args.work, tuple(parse_quant_types(args.quant)), args.sentences, args.default_model)
     synthetic = {"skipped": "--skip-synthetic"}
+    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if args.skip_synthetic and "export" in previous.get("synthetic", {}):
+        synthetic = {**previous["synthetic"], "from_run_created_unix": previous["created_unix"],
+                     "machine_then": previous.get("machine")}
     if not args.skip_synthetic:
         print("synthetic multi-GB checkpoint ...", flush=True)
         synthetic = bench_synthetic(args.work, args.layers, args.keep_files)
@@ -246,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                     "python": platform.python_version()},
         "versions": {"packager": __version__},
     }
-    if "export" in synthetic:
+    if "export" in synthetic and "from_run_created_unix" not in synthetic:
         synthetic["export"]["peak_rss_anon_above_baseline_bytes"] = (
             synthetic["export"]["peak_rss_anon_bytes"] - baseline["peak_rss_anon_bytes"])
         synthetic["export"]["peak_rss_anon_fraction_of_input"] = synthetic["export"]["peak_rss_anon_bytes"] / synthetic["input_bytes"]

@@ -170,10 +170,32 @@ def _check_supported(model_dir: Path, config: dict, arch: MoEArch, fam: GGUFFami
 
 
 # -------------------------------------------------------------------------------- tensors
+def _read(reader: CheckpointReader, name: str, rows=None) -> bytes:
+    """A tensor's bytes (or some rows) with pread, not mmap: every byte is read once, and
+    memory-mapped pages would otherwise add the whole input to the process RSS."""
+    info = reader.info(name)
+    ranges = [(info.path, info.offset, info.nbytes)] if rows is None else info.row_ranges(rows)
+    parts = []
+    for path, offset, length in ranges:
+        chunks, done = [], 0
+        with open(path, "rb", buffering=0) as handle:
+            while done < length:  # one pread returns at most ~2 GiB
+                chunk = os.pread(handle.fileno(), min(length - done, 1 << 30), offset + done)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                done += len(chunk)
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if len(data) != length:
+            raise GGUFExportError(f"{path}: truncated while reading {name!r} ({len(data)} of {length} bytes); re-copy the checkpoint")
+        parts.append(data)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 def _reader_array(reader: CheckpointReader, name: str) -> np.ndarray:
     info = reader.info(name)
     try:
-        return bytes_to_float32(reader.read_bytes(name), info.dtype, info.shape)
+        return bytes_to_float32(_read(reader, name), info.dtype, info.shape)
     except Exception as exc:  # CheckpointError for int / fp8 tensors
         raise GGUFExportError(f"{reader.model_dir}: tensor {name!r} ({info.dtype}) cannot be exported: {exc}") from None
 
@@ -228,12 +250,12 @@ def _part_shape(shape: tuple[int, ...], part: FusedPart) -> tuple[int, ...]:
 
 def _expert_array(reader, name: str, info, expert_idx: int, scales_name: str | None) -> np.ndarray:
     """One expert's slice of a fused tensor as float32 (MXFP4 blocks dequantised)."""
-    raw = reader.read_bytes(name, rows=[expert_idx])
+    raw = _read(reader, name, rows=[expert_idx])
     if scales_name is None:
         return bytes_to_float32(raw, info.dtype, info.shape[1:])
     scales_info = reader.info(scales_name)
     blocks = np.frombuffer(raw, dtype=np.uint8).reshape(info.shape[1:])
-    scales = np.frombuffer(reader.read_bytes(scales_name, rows=[expert_idx]), dtype=np.uint8).reshape(scales_info.shape[1:])
+    scales = np.frombuffer(_read(reader, scales_name, rows=[expert_idx]), dtype=np.uint8).reshape(scales_info.shape[1:])
     return dequantize_mxfp4(blocks, scales)
 
 
@@ -290,7 +312,7 @@ def plan_tensors(reader: CheckpointReader, config: dict, arch: MoEArch, fam: GGU
             rows_per_block = max(1, CHUNK_BYTES // max(1, info.nbytes // info.shape[0]))
             for start in range(0, info.shape[0], rows_per_block):
                 rows = range(start, min(start + rows_per_block, info.shape[0]))
-                raw = reader.read_bytes(hf_name, rows=rows)
+                raw = _read(reader, hf_name, rows=rows)
                 yield bytes_to_float32(raw, info.dtype, (len(rows), *info.shape[1:]))
 
         planned.append(PlannedTensor(gguf_name, shape, out, chunks))
