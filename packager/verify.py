@@ -341,6 +341,24 @@ def _model_description(model: str | os.PathLike) -> dict:
     }
 
 
+def _open_input(model: str | os.PathLike, pairs) -> Path:
+    """A bundle (directory or .tar) is checked like edge-translate does (manifest digest,
+    sha256 of every file, directions) and measured from its verified directory."""
+    from runtime.bundle import is_bundle, load_bundle
+    from runtime.errors import EdgeError
+
+    if not is_bundle(model):
+        return Path(model)
+    try:
+        bundle = load_bundle(model)
+        if bundle.manifest.directions:
+            for pair in pairs:
+                bundle.check_direction(pair.src, pair.tgt)
+    except EdgeError as exc:
+        raise VerifyError(str(exc)) from None
+    return bundle.root
+
+
 def _check_coverage(description: dict, pairs, model: str | os.PathLike) -> None:
     languages = description["languages"]
     if not languages:
@@ -530,6 +548,9 @@ def verify(model: str | os.PathLike, test_file: str | os.PathLike, pairs, out: s
     pair_list = parse_pair_list(pairs) if not isinstance(pairs, list) or isinstance(pairs[0], str) else pairs
     if limit is not None and limit < 1:
         raise VerifyError(f"--limit must be >= 1, got {limit}")
+    model = _open_input(model, pair_list)
+    if parent is not None:
+        parent = _open_input(parent, pair_list)
     description = _model_description(model)
     _check_coverage(description, pair_list, model)
     if parent is not None:

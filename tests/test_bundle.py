@@ -223,6 +223,15 @@ def test_edge_translate_bundle_arguments_stdin_file(bundle_dir, work):
     assert from_file.stdout == f"{expected[0]}\n{expected[1]}\n"
 
 
+def test_verify_accepts_a_bundle_and_checks_it(bundle_dir, work, test_data):
+    record = verify(bundle_dir, test_data, "en-de", work / "m-bundle.json", threads=1, n_bootstrap=0, progress=False)
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    assert record["model"]["files"]["tiny.gguf"] == manifest["files"]["tiny.gguf"]
+    with pytest.raises(VerifyError, match="this bundle translates en->de, en->fr, not de->en"):
+        verify(bundle_dir, test_data, "de-en", work / "m-bundle2.json", progress=False)
+    assert not (work / "m-bundle2.json").exists()
+
+
 def test_edge_translate_refuses_uncovered_direction(bundle_dir):
     result = run_cli(str(VENV_BIN / "edge-translate"), str(bundle_dir), "Open", "--from", "de", "--to", "en")
     assert result.returncode == 1 and result.stdout == ""
