@@ -188,6 +188,7 @@ def pack_row(run: ModelRun, pack: Pack) -> dict[str, Any]:
         "decode_tokens_per_second": f.get("decode_tokens_per_second"),
         "threads": f.get("threads"),
         "chrf++": _round(_mean(d["chrf++"] for d in directions.values())),
+        "chrf++_ci95": _mean_ci([d.get("chrf++_ci95") for d in directions.values()]),
         "bleu": _round(_mean(d["bleu"] for d in directions.values())),
         "error_rate": _round(error_rate, 4),
         "reference_error_rate": _round(reference_rate, 4),
@@ -211,6 +212,13 @@ def pack_row(run: ModelRun, pack: Pack) -> dict[str, Any]:
     return row
 
 
+def _mean_ci(half_widths: Sequence[float | None]) -> float | None:
+    """95% half-width of a mean of independent direction scores: sqrt(sum h^2) / k."""
+    if not half_widths or any(h is None for h in half_widths):
+        return None
+    return round(sum(h * h for h in half_widths) ** 0.5 / len(half_widths), 2)
+
+
 def _round(value, digits: int = 2):
     return None if value is None else round(value, digits)
 
@@ -221,6 +229,7 @@ def _sort_key(row: dict) -> tuple:
 
 # -- plots -------------------------------------------------------------------------------------
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"]
+MIN_CHRF_SPAN = 6.0  # y-axis points at least, in chrF++ plots
 NEAR_PARENT_CHRF = 2.0  # "close to the parent" for the summary cards
 MARKERS = {"uniform": "o", "dynamic": "s", "inverted-dynamic": "v", None: "o"}
 
@@ -256,6 +265,20 @@ def _colors(keys: Iterable) -> dict:
     return {key: COLORS[i % len(COLORS)] for i, key in enumerate(sorted(set(keys), key=str))}
 
 
+def _yerr(rows: Sequence[dict]):
+    """chrF++ 95% bootstrap half-widths when every point has one (verify --bootstrap)."""
+    values = [r.get("chrf++_ci95") for r in rows]
+    return None if any(v is None for v in values) else values
+
+
+def _min_span(ax, span: float) -> None:
+    """Keep at least `span` points on the y axis so noise-sized differences do not look large."""
+    low, high = ax.get_ylim()
+    if high - low < span:
+        middle = (high + low) / 2
+        ax.set_ylim(middle - span / 2, middle + span / 2)
+
+
 def plot_quality_vs_size(packs_rows: dict[str, list[dict]]) -> str:
     fig, axes = _grid(len(packs_rows))
     for ax, (pack, rows) in zip(axes, packs_rows.items()):
@@ -263,16 +286,21 @@ def plot_quality_vs_size(packs_rows: dict[str, list[dict]]) -> str:
         for (variant, allocation, ranker), items in _series([r for r in rows if r["role"] == "pruned"],
                                                             lambda r: (f"{r['format']} {r['quantization']}", r["allocation"], r["ranker"])).items():
             items = sorted(items, key=lambda r: r["file_bytes"])
-            ax.plot([r["file_bytes"] / 1e6 for r in items], [r["chrf++"] for r in items], marker=MARKERS.get(allocation, "o"),
-                    color=colors[variant], label=f"{variant}, {allocation}, {ranker}", linewidth=1.2, markersize=6)
+            ax.errorbar([r["file_bytes"] / 1e6 for r in items], [r["chrf++"] for r in items], yerr=_yerr(items),
+                        marker=MARKERS.get(allocation, "o"), color=colors[variant], label=f"{variant}, {allocation}, {ranker}",
+                        linewidth=1.2, markersize=6, capsize=3, elinewidth=0.8)
             for r in items:
                 ax.annotate(f"{r['drop_ratio']:.0%}", (r["file_bytes"] / 1e6, r["chrf++"]), textcoords="offset points",
                             xytext=(4, 4), fontsize=7, color="#555")
         for r in rows:
             if r["role"] == "parent":
                 variant = f"{r['format']} {r['quantization']}"
+                if r.get("chrf++_ci95") is not None:
+                    ax.errorbar([r["file_bytes"] / 1e6], [r["chrf++"]], yerr=[r["chrf++_ci95"]], color=colors[variant],
+                                capsize=3, elinewidth=0.8, linestyle="none")
                 ax.scatter([r["file_bytes"] / 1e6], [r["chrf++"]], marker="*", s=220, color=colors[variant], edgecolor="black",
                            zorder=5, label=f"parent {variant}")
+        _min_span(ax, MIN_CHRF_SPAN)
         ax.set_title(f"{pack}: chrF++ vs file size")
         ax.set_xlabel("model file size (MB)")
         ax.set_ylabel("chrF++ (mean over directions)")
@@ -285,6 +313,7 @@ def plot_quality_vs_drop(packs_rows: dict[str, list[dict]]) -> str:
     fig, axes = _grid(len(packs_rows))
     for ax, (pack, rows) in zip(axes, packs_rows.items()):
         _lines_vs_drop(ax, rows, "chrf++")
+        _min_span(ax, MIN_CHRF_SPAN)
         ax.set_title(f"{pack}: chrF++ vs experts dropped")
         ax.set_ylabel("chrF++")
     return _figure_png(fig)
@@ -313,8 +342,9 @@ def _lines_vs_drop(ax, rows: Sequence[dict], key: str, scale: float = 1.0) -> No
         items = sorted(items, key=lambda r: r["drop_ratio"])
         parent = parents.get(label[0])
         points = ([parent] if parent else []) + items
-        ax.plot([r["drop_ratio"] * 100 for r in points], [(r[key] or 0) * scale for r in points],
-                marker=MARKERS.get(label[2], "o"), color=colors[label], label=" / ".join(map(str, label)), linewidth=1.2)
+        ax.errorbar([r["drop_ratio"] * 100 for r in points], [(r[key] or 0) * scale for r in points],
+                    yerr=_yerr(points) if key == "chrf++" else None, marker=MARKERS.get(label[2], "o"), color=colors[label],
+                    label=" / ".join(map(str, label)), linewidth=1.2, capsize=3, elinewidth=0.8)
     for variant, parent in parents.items():
         color = next((colors[label] for label in series if label[0] == variant), "gold")
         ax.scatter([0], [(parent[key] or 0) * scale], marker="*", s=200, color=color, edgecolor="black", zorder=5)
@@ -354,7 +384,12 @@ def _mb(value) -> str:
 
 
 def _fmt(value, pattern: str = "{:.1f}") -> str:
-    return "" if value is None else pattern.format(value)
+    if value is None:
+        return ""
+    text = pattern.format(value)
+    if re.fullmatch(r"-0(\.0+)?%?", text):  # no "-0.0"
+        text = text.replace("-", "+" if "{:+" in pattern else "", 1)
+    return text
 
 
 TABLE_HEAD = ("model", "format", "quant", "ranker / allocation", "dropped", "experts", "file MB", "peak RSS MB",

@@ -18,7 +18,7 @@ KINDS = ("empty", "repetition", "length_ratio", "wrong_script", "wrong_language"
 def direction(chrf: float, error_rate: float, n: int = 10) -> dict:
     return {"n": n, "chrf++": chrf, "bleu": chrf / 2, "error_rate": error_rate, "reference_error_rate": 0.0,
             "errors": {kind: (round(error_rate * n) if kind == "repetition" else 0) for kind in KINDS},
-            "hit_token_limit": 1, "chrf_signature": "nrefs:1|case:mixed|eff:yes|nc:6|nw:2|space:no|version:2.6.0",
+            "hit_token_limit": 1, "chrf++_ci95": 2.0, "chrf_signature": "nrefs:1|case:mixed|eff:yes|nc:6|nw:2|space:no|version:2.6.0",
             "bleu_signature": "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0"}
 
 
@@ -83,6 +83,8 @@ def test_packs_and_rows(runs):
     assert half["file_ratio"] == 0.6  # against the gguf F16 parent, not Q8_0
     assert half["peak_rss_ratio"] == 1.0
     assert half["experts_kept"] == 8 and half["experts_total"] == 16 and half["per_layer"] == [4, 4]
+    assert half["chrf++_ci95"] == 1.41  # sqrt(2^2 + 2^2) / 2
+    assert rows["parent"]["chrf++_ci95"] == 1.41
     assert half["errors"]["repetition"] == 2 and half["hit_token_limit"] == 2 and half["n"] == 20
 
 
@@ -121,6 +123,12 @@ def test_markdown_table_parent_row():
            "prefill_tokens_per_second": 900.0, "decode_tokens_per_second": 80.0, "chrf++": 51.25, "chrf++_delta": 0.0,
            "bleu": 20.0, "error_rate": 0.0, "hit_token_limit": 0}
     assert markdown_table([row]).splitlines()[-1] == "| p | onnx fp32 | parent | 0% | 2.5 | 90.0 | 80 | 51.2 |  | 0.0% |"
+
+
+def test_signed_format_has_no_negative_zero():
+    from packager.report import _fmt
+
+    assert [_fmt(-0.04, "{:+.1f}"), _fmt(-0.04), _fmt(-0.2, "{:+.1f}"), _fmt(None)] == ["+0.0", "0.0", "-0.2", ""]
 
 
 def test_report_bad_inputs(tmp_path):
