@@ -229,6 +229,19 @@ def test_routing_is_exact_for_many_inputs_not_frozen_to_the_example(exports, par
     assert len(chosen) >= 4  # the first tokens of these inputs really route to different experts
 
 
+@pytest.mark.parametrize("formulation", ["contrib", "dense"])
+def test_routing_without_top_k_renormalisation(formulation, tmp_path):
+    """norm_topk_prob=False: the contrib op's normalize_routing_weights=0 and the standard-op
+    path both keep the softmax weights over all experts, as transformers does."""
+    model_dir = build_parent(tmp_path / "model", num_hidden_layers=2, mlp_only_layers=[], norm_topk_prob=False)
+    out = export_onnx(model_dir, tmp_path / "onnx", formulation=formulation, hash_inputs=False, check=False)
+    moe = [n for n in onnx.load(str(out / MODEL_FILE)).graph.node if n.op_type == "MoE"]
+    assert len(moe) == (2 if formulation == "contrib" else 0)
+    assert all(onnx.helper.get_attribute_value(a) == 0 for n in moe for a in n.attribute if a.name == "normalize_routing_weights")
+    report = compare_with_transformers(open_session(out / MODEL_FILE), hf(str(model_dir)), [list(range(3, 20)), [7]], 2, 1, 16)
+    assert report.max_abs <= TOLERANCE
+
+
 def test_batch_with_left_padding_matches_transformers(exports, nonuniform):
     model = hf(str(nonuniform))
     session = open_session(exports["nonuniform"] / MODEL_FILE)
