@@ -339,7 +339,9 @@ def export_onnx(
                 graph = DecoderGraph(model, arch, formulation, share_embedding=quant == "fp32").eval()
                 shape = graph.shape
             with stages.stage(f"export fp32 graph ({formulation} MoE)"):
-                raw_path = staging / "fp32.onnx"
+                # its own folder: above 2 GB the exporter writes one external file per tensor
+                raw_path = staging / "raw" / "fp32.onnx"
+                raw_path.parent.mkdir()
                 torch_export(graph, raw_path)
                 routers = _router_names(graph)
                 del graph
@@ -360,7 +362,7 @@ def export_onnx(
                 onnx_model, quantization = quantize_model(onnx_model, quant, routers, staging)
             with stages.stage("write model"):
                 model_files = _save(onnx_model, staging, external_data_threshold_bytes)
-                raw_path.unlink()
+                shutil.rmtree(raw_path.parent)
                 contrib = _contrib_ops(onnx_model)
                 del onnx_model
             if check and quant != "fp32":

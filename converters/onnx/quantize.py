@@ -13,7 +13,7 @@ which op, so the export config can tell the user exactly what was quantized.
 from __future__ import annotations
 
 import logging
-import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 INT4_BLOCK_SIZES = (32, 16)  # preferred first; QMoE needs a power of two >= 16 dividing H and I
 MATMUL_INT4_BLOCK_SIZE = 32
+PROTOBUF_SAFE_BYTES = 1536 * 1024**2  # a single protobuf cannot exceed 2 GiB
 
 
 def check_quant(quant: str) -> str:
@@ -195,15 +196,15 @@ def quantize_model(model: onnx.ModelProto, quant: str, keep_fp32: set[str], work
     if quant == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        fd, tmp_name = tempfile.mkstemp(suffix=".onnx", dir=work_dir)
-        os.close(fd)
+        tmp_dir = Path(tempfile.mkdtemp(prefix="int8-", dir=work_dir))  # the quantizer may add data files
         try:
-            quantize_dynamic(model, tmp_name, op_types_to_quantize=["MatMul", "Gather"], per_channel=False,
-                             weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
+            large = sum(len(init.raw_data) for init in model.graph.initializer) > PROTOBUF_SAFE_BYTES
+            quantize_dynamic(model, tmp_dir / "model.onnx", op_types_to_quantize=["MatMul", "Gather"], per_channel=False,
+                             weight_type=QuantType.QInt8, nodes_to_exclude=excluded, use_external_data_format=large,
                              extra_options={"MatMulConstBOnly": True})
-            quantized = onnx.load(tmp_name)
+            quantized = onnx.load(str(tmp_dir / "model.onnx"))
         finally:
-            Path(tmp_name).unlink(missing_ok=True)
+            shutil.rmtree(tmp_dir, ignore_errors=True)
         method = {"matmul": "onnxruntime.quantization.quantize_dynamic (QInt8 weights, per-tensor, dynamic uint8 activations)",
                   "embedding": "int8 per-tensor table + DequantizeLinear after the Gather",
                   "experts": "com.microsoft QMoE, 8-bit symmetric per-row"}
