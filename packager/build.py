@@ -58,10 +58,12 @@ from typing import Any, Callable, Sequence
 
 from packager import __version__
 from packager.errors import PackagerError
+from runtime.errors import EdgeError
 
 logger = logging.getLogger(__name__)
 
 STEPS_DIR = ".steps"
+HASH_LIMIT_BYTES = 1 << 30
 GGUF_BASE_TYPES = {"F16": "f16", "F32": "f32"}
 FORMATS = ("gguf", "onnx")
 ALLOCATIONS = ("uniform", "dynamic", "inverted-dynamic")
@@ -303,7 +305,13 @@ class StepRunner:
             elif output.exists():
                 output.unlink()
         started = time.monotonic()
-        step.run()
+        try:
+            step.run()
+        except EdgeError as exc:  # runtime errors are not PackagerErrors: one line all the same
+            raise BuildError(f"{step.title}: {exc}") from None
+        except BaseException:
+            self.console.print(f"{prefix} [red]failed[/red] (finished steps are kept; run again to resume)")
+            raise
         step.seconds = round(time.monotonic() - started, 2)
         missing = [str(p) for p in step.outputs if not p.exists()]
         if missing:
@@ -361,8 +369,13 @@ def _drop_slug(drop: float) -> str:
 
 
 def _file_key(path: Path) -> str:
+    """Content hash; for files above HASH_LIMIT_BYTES (a huge parent) size and mtime instead,
+    so that checking whether a step is up to date does not read tens of gigabytes."""
     from packager.fingerprint import file_sha256
 
+    stat = path.stat()
+    if stat.st_size > HASH_LIMIT_BYTES:
+        return f"size={stat.st_size},mtime_ns={stat.st_mtime_ns}"
     return file_sha256(path)
 
 
