@@ -62,8 +62,10 @@ def write_test_data(path: Path) -> Path:
     return path
 
 
-def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, stdin: str | None = None, cache_dir: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if cache_dir is not None:  # where edge-translate unpacks .tar bundles
+        env["XDG_CACHE_HOME"] = str(cache_dir)
     return subprocess.run(list(args), input=stdin, capture_output=True, text=True, env=env, timeout=120)
 
 
@@ -219,8 +221,10 @@ def test_edge_translate_bundle_arguments_stdin_file(bundle_dir, work):
     assert piped.stdout == f"{expected[0]}\n\n{expected[1]}\n"
     source = work / "lines.txt"
     source.write_text("Open the file\nClose the window\n", encoding="utf-8")
-    from_file = run_cli(exe, str(bundle_dir.with_name("bundle.tar")), "--file", str(source), *common)
+    from_file = run_cli(exe, str(bundle_dir.with_name("bundle.tar")), "--file", str(source), *common, cache_dir=work / "xdg")
     assert from_file.stdout == f"{expected[0]}\n{expected[1]}\n"
+    unpacked = list((work / "xdg" / "edge-translate").iterdir())
+    assert len(unpacked) == 1 and (unpacked[0] / "bundle" / "manifest.json").is_file()
 
 
 def test_verify_accepts_a_bundle_and_checks_it(bundle_dir, work, test_data):
