@@ -4,7 +4,7 @@
   and a uniform 50% pruned model, on rendered test-split prompts: max abs <= 1e-4;
 - tokenization identical to tokenizer.json on a sample of the test split (both sides);
 - greedy translations at F16 (weights and KV cache) identical to transformers fp32 greedy;
-- quantized files (Q8_0, Q4_K_M) load and translate; their logit divergence is printed.
+- a quantized file (Q4_K_M) loads and translates; its logit divergence is printed.
 Skipped while models/default does not exist (it is trained by `make train-default`).
 EDGE_DEFAULT_MODEL points the tests at another checkpoint of the same kind.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -77,10 +78,11 @@ def exports(work) -> dict[str, Path]:
         "pruned_dir": pruned,
         "parent_f32": export_gguf(MODEL, work / "parent.gguf", dtype="f32"),
         "parent_f16": export_gguf(MODEL, work / "parent.f16.gguf", dtype="f16"),
-        "pruned_f32": export_gguf(pruned, work / "pruned.gguf", dtype="f32", quant=["Q8_0", "Q4_K_M"]),
+        "pruned_f32": export_gguf(pruned, work / "pruned.gguf", dtype="f32", quant=["Q4_K_M"]),
     }
 
 
+@lru_cache(maxsize=2)
 def _hf(model_dir: Path):
     from transformers import AutoModelForCausalLM
 
@@ -152,7 +154,7 @@ def test_default_quantized_files_translate(exports):
     pairs = _pairs(3, seed=4)
     with open_backend(exports["pruned_f32"], n_threads=2, parity=True) as backend:
         reference = [backend.logits(backend.prompt_ids(text, src, tgt)) for src, tgt, text in pairs]
-    for quant_type in ("Q8_0", "Q4_K_M"):
+    for quant_type in ("Q4_K_M",):  # every type's divergence: bench/results/gguf.json
         with open_backend(quantized_path(exports["pruned_f32"], quant_type), n_threads=2) as backend:
             diff = max(float(np.abs(backend.logits(backend.prompt_ids(text, src, tgt)) - ref).max())
                        for (src, tgt, text), ref in zip(pairs, reference))
