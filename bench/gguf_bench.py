@@ -19,7 +19,6 @@ import os
 import platform
 import random
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path

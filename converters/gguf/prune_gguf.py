@@ -59,7 +59,7 @@ def _sliced_tensor_names(facts: GGUFModelFacts, layer_idx: int) -> list[str]:
 def prune_gguf(in_file: str | os.PathLike, plan: Plan | str | os.PathLike, out_file: str | os.PathLike, *,
                force: bool = False, progress: bool = False) -> Path:
     """Write `out_file`: `in_file` keeping `plan.keep` experts per MoE layer (renumbered 0..n-1)."""
-    from gguf import GGUFEndian, GGUFValueType, GGUFWriter
+    from gguf import GGUFValueType, GGUFWriter
 
     from converters.gguf.export_config import write_export_config
     from runtime.atomic import fsync_dir
