@@ -37,6 +37,16 @@ def size_split(model: Path) -> dict:
     return summarize_checkpoint(model)
 
 
+def below_target_lines(results: dict) -> list[str]:
+    key = ("en-de", "en-fr", "en-es")
+    scores = {d: results[d]["chrf++"] for d in key if d in results}
+    if all(v >= 30 for v in scores.values()):
+        return []
+    listed = ", ".join(f"{d} {v:.1f}" for d, v in scores.items())
+    return [f"- Below the project's quality target (chrF++ >= 30 for en->de, en->fr, en->es): {listed}. "
+            "The dev loss was still falling when the time budget ended: train longer (`make train-default` with more minutes)."]
+
+
 def render(model: Path, data_card: dict, evaluation: dict, divergence: dict, summary: dict) -> str:
     config = json.loads((model / "config.json").read_text())
     training = json.loads((model / "training.json").read_text())
@@ -68,7 +78,8 @@ def render(model: Path, data_card: dict, evaluation: dict, divergence: dict, sum
         f"step time on {training['threads']} CPU threads (2-core machine, shared with other work), seed {training['seed']}.",
         f"- AdamW peak lr {training['lr']}, warmup then cosine over wall time, ~{training['tokens_per_batch']} tokens per "
         "length-bucketed batch, loss on target tokens only, Switch-style load-balancing loss 0.01, fp32; saved in bf16.",
-        f"- Final dev loss {training['dev_loss']:.3f}. Command: `{training['command']}`.",
+        f"- Final dev loss {training['dev_loss']:.3f}. Command: `{training['command']}`."
+        + (f" Note: {training['note']}." if training.get("note") else ""),
         "",
         "## Data (harvested at setup time, never committed)",
         "Pairs per language after cleaning and deduplication (split by a hash of the normalised English source):",
@@ -109,6 +120,7 @@ def render(model: Path, data_card: dict, evaluation: dict, divergence: dict, sum
     lines += [
         "",
         "## Limits",
+        *below_target_lines(results),
         "- Trained on short UI strings: expect lower quality on long, literary or technical prose.",
         "- Tiny by design (runs anywhere in seconds); it exists to make pruning effects measurable, not to compete",
         "  with production translators.",

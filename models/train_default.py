@@ -320,6 +320,11 @@ def export(model, tokenizer, out: Path, state: dict, args) -> None:
     model.config.output_router_logits = False
     model.to(torch.bfloat16).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    # transformers 5 writes only num_local_experts; 4.x readers need num_experts (DESIGN.md).
+    config_path = tmp / "config.json"
+    config = json.loads(config_path.read_text())
+    config["num_experts"] = config["num_local_experts"]
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     record = {"steps": state["step"], "tokens": state["tokens"], "train_minutes": round(state["elapsed"] / 60, 1),
               "dev_loss": state["dev_loss"], "seed": args.seed, "lr": args.lr, "tokens_per_batch": args.tokens_per_batch,
               "threads": args.threads, "command": " ".join(sys.argv)}
