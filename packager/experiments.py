@@ -48,9 +48,11 @@ logger = logging.getLogger(__name__)
 
 RESULTS_SCHEMA = "packager.experiments/1"
 CELL_FORMAT = "packager.experiment-cell/1"
-# generation bound per batch, as `packager verify` budgets it: 3 x source tokens + 12
-NEW_TOKENS_PER_SOURCE_TOKEN = 3
-NEW_TOKENS_SLACK = 12
+# generation bound per batch: 2 x the longest prompt + 10 tokens. Tighter than `packager
+# verify` (3x + 12) because looping outputs of damaged masks dominate the sweep's cost; a
+# loop is still caught by the repetition detector.
+NEW_TOKENS_PER_SOURCE_TOKEN = 2
+NEW_TOKENS_SLACK = 10
 ENGLISH = "en"
 
 
@@ -64,8 +66,9 @@ class ExperimentConfig:
     rankers: tuple[str, ...] = ("routing-mass", "frequency", "reap", "random", "inverted")
     allocations: tuple[str, ...] = ("uniform", "dynamic", "inverted-dynamic")
     drops: tuple[float, ...] = (0.25, 0.5, 0.625, 0.75, 0.875)
-    calib_sentences: int = 200          # per calibrated direction (dev split)
-    sample: int = 120                   # test sentences per direction and sample
+    calib_sentences: int = 100          # per calibrated direction (dev split)
+    sample: int = 100                   # test sentences per direction (single-language packs)
+    sample_multi: int = 50              # per direction in multilingual packs (the first ones of the same sample)
     noise_samples: int = 3              # disjoint test samples for the sample-noise setting
     noise_seeds: int = 3                # random-ranker seeds for the seed-noise setting
     noise_drop: float = 0.5
@@ -73,7 +76,7 @@ class ExperimentConfig:
     recovery_pack: int = -1             # index into packs
     recovery_drops: tuple[float, ...] = (0.5, 0.75, 0.875)
     best_drops: tuple[float, ...] = (0.5, 0.625, 0.75)  # the best plan maximises mean chrF++ here
-    distill_sentences: int = 4000       # per direction (train split)
+    distill_sentences: int = 3000       # per direction (train split)
     distill_minutes: float | None = 3.0
     distill_max_steps: int | None = None
     distill_eval_every: int = 50
@@ -161,6 +164,7 @@ class Experiment:
         self.builder = PromptBuilder(self.model_dir, self.parent.tokenizer, "{source}")
         self.test_sha = file_sha256(self.data_dir / "test.jsonl")
         self.models = {self.parent.fingerprint: self.parent.model}
+        self.tensor_bytes, self.expert_bytes = checkpoint_bytes(self.model_dir)
 
     def calibration(self):
         from packager.calibrate import CalibrationSettings, calibrate
@@ -205,12 +209,15 @@ class Experiment:
             self.samples[slug] = [pool[i * config.sample:(i + 1) * config.sample] for i in range(config.noise_samples)]
 
     # ---- one scored cell -----------------------------------------------------------------------------
+    def pack_n(self, langs: Sequence[str]) -> int:
+        return self.config.sample if len(langs) == 1 else min(self.config.sample, self.config.sample_multi)
+
     def evaluate(self, fingerprint: str, slug: str, keep: dict[int, list[int]] | None = None, sample_idx: int = 0,
-                 model=None, label: str = "") -> dict:
+                 model=None, label: str = "", n: int | None = None) -> dict:
         """Scores of one model (optionally masked to `keep`) on one direction and sample (cached)."""
         config = self.config
         key = {"format": CELL_FORMAT, "model": fingerprint, "keep": _canonical_keep(keep), "pair": slug,
-               "sample": sample_idx, "n": config.sample, "seed": config.seed, "test_sha256": self.test_sha,
+               "sample": sample_idx, "n": n or config.sample, "seed": config.seed, "test_sha256": self.test_sha,
                "decoding": self.decoding(), "bootstrap": config.bootstrap}
         path = self.out_dir / "cells" / f"{_digest(key)[:40]}.json"
         if path.is_file():
@@ -222,7 +229,7 @@ class Experiment:
         from packager.distill import greedy_generate
         from packager.masking import expert_mask
 
-        segments = self.samples[slug][sample_idx]
+        segments = self.samples[slug][sample_idx][:n or config.sample]
         model = model if model is not None else self.models[fingerprint]
         prompts = [self.builder.encode(slug, s.src)[0] for s in segments]
 
@@ -303,10 +310,11 @@ class Experiment:
             for _ in self.pack_slugs(langs):
                 self._advance()
             return {**row, "error": str(exc)}
-        directions = {slug: self.evaluate(self.parent.fingerprint, slug, keep, sample_idx,
+        directions = {slug: self.evaluate(self.parent.fingerprint, slug, keep, sample_idx, n=self.pack_n(langs),
                                           label=f"{ranker}/{allocation}/{drop}") for slug in self.pack_slugs(langs)}
         counts = [len(keep[layer_idx]) for layer_idx in sorted(keep)]
         return {**row, "drop_effective": round(meta["drop_ratio_effective"], 4), "counts": counts,
+                "tensor_bytes": pruned_bytes(self.tensor_bytes, self.expert_bytes, keep),
                 "keep_sha256": _digest(_canonical_keep(keep)), "directions": directions, "mean": self.summarize(directions)}
 
     def sweep(self) -> list[dict]:
@@ -317,7 +325,14 @@ class Experiment:
 
     def parent_scores(self) -> dict:
         slugs = sorted({slug for langs in self.config.packs for slug in self.pack_slugs(langs)})
-        return {slug: self.evaluate(self.parent.fingerprint, slug, label="parent") for slug in slugs}
+        result = {"directions": {slug: self.evaluate(self.parent.fingerprint, slug, label="parent") for slug in slugs},
+                  "packs": {}}
+        for langs in self.config.packs:
+            directions = {slug: self.evaluate(self.parent.fingerprint, slug, label="parent", n=self.pack_n(langs))
+                          for slug in self.pack_slugs(langs)}
+            result["packs"][self.config.pack_name(langs)] = {"n_per_direction": self.pack_n(langs), "directions": directions,
+                                                             "mean": self.summarize(directions)}
+        return result
 
     def best_plan(self, sweep: list[dict]) -> dict:
         config = self.config
@@ -394,9 +409,9 @@ class Experiment:
             self.models[fingerprint] = load_pruned(path, dtype=torch.float32).eval()
         return fingerprint
 
-    def score_model_dir(self, path: Path, slugs: list[str], label: str) -> dict:
+    def score_model_dir(self, path: Path, slugs: list[str], label: str, n: int) -> dict:
         fingerprint = self.load_model_dir(path)
-        directions = {slug: self.evaluate(fingerprint, slug, label=label) for slug in slugs}
+        directions = {slug: self.evaluate(fingerprint, slug, label=label, n=n) for slug in slugs}
         return {"model": str(path), "fingerprint": fingerprint, "directions": directions, "mean": self.summarize(directions)}
 
     def recovery(self, best: dict) -> dict:
@@ -425,7 +440,7 @@ class Experiment:
             row = {"drop": drop, "seed": seed, "ranker": best["ranker"], "allocation": best["allocation"],
                    "counts": [len(plan.keep[i]) for i in sorted(plan.keep)]}
             if seed == config.seed:
-                row["pruned"] = self.score_model_dir(pruned, slugs, f"pruned {drop}")
+                row["pruned"] = self.score_model_dir(pruned, slugs, f"pruned {drop}", self.pack_n(langs))
                 masked = self.masked_row(langs, best["ranker"], best["allocation"], drop)
                 row["pruned_equals_mask"] = {slug: masked["directions"][slug]["chrf++"] == row["pruned"]["directions"][slug]["chrf++"]
                                              for slug in slugs}
@@ -445,12 +460,13 @@ class Experiment:
                             command=self.command, show_progress=False)
                     self.timings[name] = round(time.monotonic() - started, 1)
                 prov = json.loads((out / "distillation.json").read_text(encoding="utf-8"))
-                row[targets] = {**self.score_model_dir(out, slugs, name),
+                row[targets] = {**self.score_model_dir(out, slugs, name, self.pack_n(langs)),
                                 "training": {k: prov["run"][k] for k in ("step", "tokens", "elapsed", "best_step",
                                                                         "dev_loss_initial", "best_dev_loss", "stopped")},
                                 "sentences": prov["sentences"]}
             rows.append(row)
         return {"pack": self.config.pack_name(langs), "sentences_per_direction": config.distill_sentences,
+                "test_per_direction": self.pack_n(langs),
                 "budget": {"minutes": config.distill_minutes, "max_steps": config.distill_max_steps},
                 "data": str(self.data_dir / "train.jsonl"), "rows": rows}
 
@@ -519,7 +535,7 @@ class Experiment:
             "schema": RESULTS_SCHEMA,
             "model": {"dir": str(self.model_dir), "fingerprint": self.parent.fingerprint,
                       "family": self.stats.meta.get("family"), "moe_layers": self.stats.moe_layers,
-                      "n_experts": self.stats.n_experts, "top_k": self.stats.top_k,
+                      "n_experts": self.stats.n_experts, "top_k": self.stats.top_k, "tensor_bytes": self.tensor_bytes,
                       "parameters": sum(p.numel() for p in self.parent.model.parameters())},
             "data": {split: {"path": str(self.data_dir / f"{split}.jsonl"), "sha256": file_sha256(self.data_dir / f"{split}.jsonl")}
                      for split in ("train", "dev", "test")},
@@ -527,13 +543,15 @@ class Experiment:
                 "config": asdict(config),
                 "calibration": {"mode": "teacher-forced", "split": "dev", "sentences_per_direction": config.calib_sentences,
                                 "pairs": self.stats.pairs(), "reap": True},
-                "test_sample": {"split": "test", "per_direction": config.sample, "selection":
-                                f"seeded shuffle (seed {config.seed}) of the en->X test records, disjoint blocks of {config.sample}; "
-                                "sample 0 everywhere except the noise rows"},
+                "test_sample": {"split": "test", "per_direction": config.sample,
+                                "per_direction_multilingual": min(config.sample, config.sample_multi), "selection":
+                                f"seeded shuffle (seed {config.seed}) of the en->X test records, disjoint blocks of {config.sample} "
+                                f"(multilingual packs use the first {min(config.sample, config.sample_multi)} of each block); "
+                                "block 0 everywhere except the noise rows"},
                 "decoding": self.decoding(),
                 "mask_mode": "dropped experts' router logits set to -inf in the loaded parent (packager.masking); no files",
             },
-            "parent": {"directions": parent},
+            "parent": parent,
             "sweep": sweep,
             "best_plan": best,
             "noise": noise,
@@ -547,12 +565,92 @@ class Experiment:
         }
 
 
+def checkpoint_bytes(model_dir: Path) -> tuple[int, dict[int, list[int]]]:
+    """Tensor bytes of a checkpoint and, per MoE layer, the bytes each routed expert holds
+    (its weights plus its router row), read from the safetensors headers."""
+    from packager.arch import load_arch
+    from packager.checkpoint import CheckpointReader
+
+    with CheckpointReader(model_dir) as reader:
+        config, names = reader.config, set(reader.names())
+        arch = load_arch(config)
+        per_layer = {}
+        for layer_idx in arch.moe_layers(config):
+            n_experts = arch.n_experts(config, layer_idx)
+            layout = arch.detect_layout(layer_idx, n_experts, names)
+            sizes = [0] * n_experts
+            for name in arch.router_tensor_names(layer_idx):
+                if name in names:
+                    for expert_idx in range(n_experts):
+                        sizes[expert_idx] += reader.info(name).nbytes // n_experts
+            if layout == "per_expert":
+                for expert_idx in range(n_experts):
+                    sizes[expert_idx] += sum(reader.info(name).nbytes for name in arch.expert_tensor_names(layer_idx, expert_idx).values()
+                                             if name in names)
+            else:
+                for name in arch.layout_tensor_names(layout, layer_idx, n_experts):
+                    for expert_idx in range(n_experts):
+                        sizes[expert_idx] += reader.info(name).nbytes // n_experts
+            per_layer[layer_idx] = sizes
+        return reader.total_bytes, per_layer
+
+
+def pruned_bytes(total: int, expert_bytes: dict[int, list[int]], keep: dict[int, list[int]] | None) -> int:
+    if keep is None:
+        return total
+    return total - sum(size for layer_idx, sizes in expert_bytes.items() for expert_idx, size in enumerate(sizes)
+                       if expert_idx not in keep[layer_idx])
+
+
 # ---- outputs ------------------------------------------------------------------------------------------------
+def report_metrics(results: dict) -> list[dict]:
+    """The sweep as `packager verify` metrics records (schema packager.metrics/1), one per pack
+    and setting, so `packager report` draws them. Mask mode runs no device runtime: file_bytes
+    is the tensor bytes the pruned checkpoint would hold; memory and speed are absent."""
+    from packager.verify import METRICS_SCHEMA
+
+    records = []
+    test = {"file": results["data"]["test"]["path"], "sha256": results["data"]["test"]["sha256"],
+            "selection": results["setup"]["test_sample"]["selection"]}
+    footprint_none = {"peak_rss_bytes": None, "peak_rss_anon_bytes": None, "peak_rss_above_baseline_bytes": None,
+                      "load_seconds": None, "prefill_tokens_per_second": None, "decode_tokens_per_second": None, "threads": None}
+    model = results["model"]
+    for pack, parent in results["parent"]["packs"].items():
+        records.append({"schema": METRICS_SCHEMA, "labels": {"pack": pack, "role": "parent", "name": "parent"},
+                        "model": {"format": "mask", "quantization": None, "fingerprint": model["fingerprint"]},
+                        "directions": parent["directions"], "footprint": {"file_bytes": model["tensor_bytes"], **footprint_none},
+                        "test": test})
+    for row in results["sweep"]:
+        if "error" in row:
+            continue
+        name = f"{row['ranker']}-{row['allocation']}-{100 * row['drop']:g}"
+        records.append({
+            "schema": METRICS_SCHEMA,
+            "labels": {"pack": row["pack"], "role": "pruned", "name": name, "ranker": row["ranker"],
+                       "allocation": row["allocation"], "drop_ratio": row["drop"]},
+            "model": {"format": "mask", "quantization": None, "parent_n_experts": model["n_experts"],
+                      "n_experts": {str(layer_idx): n for layer_idx, n in zip(model["moe_layers"], row["counts"])}},
+            "directions": row["directions"], "footprint": {"file_bytes": row["tensor_bytes"], **footprint_none}, "test": test})
+    return records
+
+
 def write_outputs(results: dict, out_dir: Path, results_md: Path | None) -> None:
     from runtime.atomic import atomic_write_json, atomic_write_text
 
     plots = write_plots(results, out_dir / "plots")
     results["plots"] = [str(p.relative_to(out_dir)) for p in plots]
+    metrics_dir = out_dir / "report-metrics"
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    metrics_files = []
+    for record in report_metrics(results):
+        labels = record["labels"]
+        path = metrics_dir / f"{_slug(labels['pack'])}-{labels['name']}.metrics.json"
+        atomic_write_json(path, record)
+        metrics_files.append(path)
+    from packager.report import build_report
+
+    results["report"] = str(build_report([metrics_dir], out_dir / "report", command=results["provenance"]["command"],
+                                         metrics_files=metrics_files).relative_to(out_dir))
     atomic_write_json(out_dir / "results.json", results)
     if results_md is not None:
         results_md.parent.mkdir(parents=True, exist_ok=True)
@@ -572,11 +670,9 @@ def write_plots(results: dict, plot_dir: Path) -> list[Path]:
     plot_dir.mkdir(parents=True, exist_ok=True)
     config = results["setup"]["config"]
     written = []
-    parent = results["parent"]["directions"]
     for pack in dict.fromkeys(r["pack"] for r in results["sweep"]):
         rows = [r for r in results["sweep"] if r["pack"] == pack and "error" not in r]
-        slugs = list(rows[0]["directions"]) if rows else []
-        parent_chrf = _mean(parent[s]["chrf++"] for s in slugs)
+        parent_chrf = results["parent"]["packs"][pack]["mean"]["chrf++"]
         fig, axes = plt.subplots(2, len(config["allocations"]), figsize=(4.2 * len(config["allocations"]), 6.4),
                                  sharex=True, squeeze=False)
         for col, allocation in enumerate(config["allocations"]):
@@ -604,8 +700,7 @@ def write_plots(results: dict, plot_dir: Path) -> list[Path]:
         xs = [100 * r["drop"] for r in main_rows]
         for key, label in (("pruned", "no recovery"), ("references", "SFT on references"), ("parent", "distillation")):
             ax.plot(xs, [r[key]["mean"]["chrf++"] for r in main_rows], marker="o", label=label)
-        slugs = list(main_rows[0]["pruned"]["directions"])
-        ax.axhline(_mean(parent[s]["chrf++"] for s in slugs), color="black", linestyle=":", label="parent")
+        ax.axhline(results["parent"]["packs"][recovery["pack"]]["mean"]["chrf++"], color="black", linestyle=":", label="parent")
         ax.set_xlabel("experts dropped (%)")
         ax.set_ylabel("chrF++")
         ax.set_title(f"recovery, {recovery['pack']}")
@@ -700,10 +795,8 @@ def findings(results: dict) -> list[str]:
                 text += f" At {100 * top:g}% every layer keeps exactly top-k experts, so all allocations coincide."
             lines.append(text)
     rows = [r for r in results["recovery"]["rows"] if "pruned" in r]
-    parent = results["parent"]["directions"]
+    p = results["parent"]["packs"][results["recovery"]["pack"]]["mean"]["chrf++"]
     for r in rows:
-        slugs = list(r["pruned"]["directions"])
-        p = _mean(parent[s]["chrf++"] for s in slugs)
         lost = p - r["pruned"]["mean"]["chrf++"]
         if lost >= 1.0:
             shares = {k: (r[k]["mean"]["chrf++"] - r["pruned"]["mean"]["chrf++"]) / lost for k in ("parent", "references")}
@@ -735,7 +828,9 @@ def render_markdown(results: dict, out_dir: Path, md_path: Path) -> str:
         f"top-{model['top_k']}, {model['parameters'] / 1e6:.2f}M parameters), fingerprint `{model['fingerprint'][:16]}`.",
         f"- Calibration: {results['setup']['calibration']['mode']} on the dev split, "
         f"{config['calib_sentences']} sentences per direction ({', '.join(results['setup']['calibration']['pairs'])}), REAP included.",
-        f"- Evaluation: {config['sample']} test sentences per direction ({results['setup']['test_sample']['selection']}); "
+        f"- Evaluation: {config['sample']} test sentences per direction, "
+        f"{results['setup']['test_sample']['per_direction_multilingual']} per direction in multilingual packs "
+        f"({results['setup']['test_sample']['selection']}); "
         f"{results['setup']['decoding']['kind']} decoding, batch {config['batch_size']}, bound "
         f"{results['setup']['decoding']['max_new_tokens']}. chrF++ and BLEU by sacrebleu; "
         f"generation errors by `packager.quality` (empty, repetition, length ratio, wrong script, wrong language, "
@@ -754,7 +849,10 @@ def render_markdown(results: dict, out_dir: Path, md_path: Path) -> str:
         lines.append(f"| {slug} | {_fmt(m['chrf++'])} | {_fmt(m['bleu'])} | {_pct(m['error_rate'])} | {_pct(m['reference_error_rate'])} |")
     for pack in dict.fromkeys(r["pack"] for r in results["sweep"]):
         rows = [r for r in results["sweep"] if r["pack"] == pack]
+        pp = results["parent"]["packs"][pack]
         lines += ["", f"## Sweep {pack} (mask mode): chrF++ / generation-error rate", "",
+                  f"{pp['n_per_direction']} test sentences per direction, mean over the pack's directions; "
+                  f"parent {_fmt(pp['mean']['chrf++'])} / {_pct(pp['mean']['error_rate'])}.", "",
                   "| ranker | allocation | " + " | ".join(f"{100 * d:g}%" for d in config["drops"]) + " |",
                   "|---|---|" + "---|" * len(config["drops"])]
         for ranker in config["rankers"]:
@@ -777,8 +875,7 @@ def render_markdown(results: dict, out_dir: Path, md_path: Path) -> str:
     for r in rec["rows"]:
         if "pruned" not in r:
             continue
-        slugs = list(r["pruned"]["directions"])
-        p = _mean(parent[s]["chrf++"] for s in slugs)
+        p = results["parent"]["packs"][rec["pack"]]["mean"]["chrf++"]
 
         def cell(key):
             m = r[key]["mean"]

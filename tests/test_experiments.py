@@ -14,6 +14,7 @@ from test_distill import _write_bpe_tokenizer
 from tiny_models import build_tiny
 
 import packager.distill as distill_module
+from packager.checkpoint import CheckpointReader
 from packager.experiments import QUICK, RESULTS_SCHEMA, Experiment, ExperimentError
 from packager.planning import PlanSettings, global_iou, plan_keep
 from packager.stats import RoutingStats
@@ -22,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 HARVEST = REPO / "data" / "harvest"
 RANKERS = ("routing-mass", "frequency", "reap", "random", "inverted")
 ALLOCATIONS = ("uniform", "dynamic", "inverted-dynamic")
-CONFIG = replace(QUICK, threads=1, sample=6, calib_sentences=12, distill_sentences=16)
+CONFIG = replace(QUICK, threads=1, sample=6, sample_multi=4, calib_sentences=12, distill_sentences=16)
 
 
 def _records(split: str, lang: str, limit: int) -> list[dict]:
@@ -62,6 +63,8 @@ def test_results_structure(setup):
     assert results["model"]["n_experts"] == 8 and results["model"]["top_k"] == 2 and results["model"]["moe_layers"] == [0, 1]
     assert results["setup"]["calibration"]["pairs"] == ["de-en", "en-de", "en-fr", "fr-en"]
     assert sorted(results["parent"]["directions"]) == ["en-de", "en-fr"]
+    assert {pack: p["n_per_direction"] for pack, p in results["parent"]["packs"].items()} == {"en->de": 6, "en->de,fr": 4}
+    assert results["parent"]["packs"]["en->de"]["directions"]["en-de"] == results["parent"]["directions"]["en-de"]
     sweep = results["sweep"]
     assert len(sweep) == 2 * 2 * 5 * 3  # packs x drops x rankers x allocations
     assert {(r["pack"], r["drop"], r["ranker"], r["allocation"]) for r in sweep} == {
@@ -71,10 +74,10 @@ def test_results_structure(setup):
         assert list(row["directions"]) == (["en-de"] if row["pack"] == "en->de" else ["en-de", "en-fr"])
         assert sum(row["counts"]) == (8 if row["drop"] == 0.5 else 4)
         for metrics in row["directions"].values():
-            assert metrics["n"] == 6 and 0 <= metrics["chrf++"] <= 100 and 0 <= metrics["error_rate"] <= 1
+            assert metrics["n"] == (6 if row["pack"] == "en->de" else 4) and 0 <= metrics["chrf++"] <= 100 and 0 <= metrics["error_rate"] <= 1
             assert set(metrics["errors"]) == {"empty", "repetition", "length_ratio", "wrong_script", "wrong_language",
                                               "lost_placeholder"}
-        assert row["mean"]["n"] == 6 * len(row["directions"])
+        assert row["mean"]["n"] == {"en->de": 6, "en->de,fr": 8}[row["pack"]]
     # at 75% every layer keeps top-k = 2: the three allocations are one mask
     for pack in ("en->de", "en->de,fr"):
         for ranker in RANKERS:
@@ -105,16 +108,36 @@ def test_recovery_and_noise(setup):
     for row in recovery["rows"]:
         for key in ("pruned", "references", "parent"):
             assert list(row[key]["directions"]) == ["en-de", "en-fr"]
+            assert [m["n"] for m in row[key]["directions"].values()] == [4, 4]
         assert row["parent"]["training"]["step"] == 3 and row["references"]["training"]["step"] == 3
         assert row["parent"]["sentences"]["sampled"] == 32  # 16 per direction
         # the pruned files score exactly like the mask mode
         assert row["pruned_equals_mask"] == {"en-de": True, "en-fr": True}
         assert (work / "out" / "models" / f"distill-{int(row['drop'] * 1000):04d}" / "distillation.json").is_file()
+    # the sweep's size figure for this plan is the tensor bytes of the pruned files, exactly
+    for row in recovery["rows"]:
+        masked = next(r for r in results["sweep"] if (r["pack"], r["ranker"], r["allocation"], r["drop"]) ==
+                      ("en->de,fr", best["ranker"], best["allocation"], row["drop"]))
+        with CheckpointReader(work / "out" / "models" / f"pruned-{int(row['drop'] * 1000):04d}") as reader:
+            assert masked["tensor_bytes"] == reader.total_bytes < results["model"]["tensor_bytes"]
     noise = results["noise"]
     assert [r["sample"] for r in noise["test_samples"]["rows"]] == [0, 1]
     assert [r["seed"] for r in noise["random_seeds"]["rows"]] == [0, 1]
     for name in ("sweep-en-de.png", "sweep-en-de-fr.png", "recovery.png", "overlap.png"):
         assert (work / "out" / "plots" / name).stat().st_size > 1000
+
+
+def test_report_in_the_verify_report_format(setup):
+    work, model, data, results = setup
+    metrics = sorted((work / "out" / "report-metrics").glob("*.metrics.json"))
+    assert len(metrics) == 2 + 60  # a parent per pack and every sweep setting
+    record = json.loads((work / "out" / "report-metrics" / "en-de-fr-reap-dynamic-50.metrics.json").read_text())
+    assert record["schema"] == "packager.metrics/1" and record["labels"]["role"] == "pruned"
+    assert list(record["directions"]) == ["en-de", "en-fr"] and record["footprint"]["peak_rss_bytes"] is None
+    report = json.loads((work / "out" / "report" / "report.json").read_text())
+    assert sorted(report["packs"]) == ["en->de", "en->de,fr"]
+    assert all(len(p["rows"]) == 31 for p in report["packs"].values())  # parent + 30 settings
+    assert (work / "out" / "report" / "index.html").stat().st_size > 10000
 
 
 def test_generated_page(setup):
