@@ -140,6 +140,8 @@ def group_packs(runs: Sequence[ModelRun]) -> list[Pack]:
             packs.setdefault(pack_key(run), Pack(pack_key(run), run.directions))
     for pack in packs.values():
         for parent in parents:
+            if parent.labels.get("pack") in packs and parent.labels["pack"] != pack.name:
+                continue  # a parent labelled with a pack's name (measured on its sample) joins that pack only
             if set(pack.directions) <= set(parent.directions):
                 pack.runs.append(parent)
     return list(packs.values())
@@ -204,7 +206,9 @@ def pack_row(run: ModelRun, pack: Pack) -> dict[str, Any]:
     if parent is not None:
         prow = pack_row(parent, pack)
         row["file_ratio"] = _round(row["file_bytes"] / prow["file_bytes"], 3)
-        row["peak_rss_ratio"] = _round(row["peak_rss_bytes"] / prow["peak_rss_bytes"], 3)
+        # mask-mode rows of `make experiments` have no runtime process, hence no RSS
+        row["peak_rss_ratio"] = (_round(row["peak_rss_bytes"] / prow["peak_rss_bytes"], 3)
+                                 if row["peak_rss_bytes"] and prow["peak_rss_bytes"] else None)
         row["chrf++_delta"] = _round(row["chrf++"] - prow["chrf++"]) if row["chrf++"] is not None and prow["chrf++"] is not None else None
     else:
         row["file_ratio"] = row["peak_rss_ratio"] = 1.0 if run.is_parent else None
@@ -359,7 +363,8 @@ def plot_rss_vs_size(rows: Sequence[dict]) -> str:
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     seen = {}
     for row in rows:
-        seen.setdefault((row["name"], row["format"], row["quantization"]), row)
+        if row["peak_rss_bytes"] is not None:  # rows without a runtime measurement (mask mode)
+            seen.setdefault((row["name"], row["format"], row["quantization"]), row)
     colors = _colors(f"{r['format']} {r['quantization']}" for r in seen.values())
     for variant, items in _series(list(seen.values()), lambda r: f"{r['format']} {r['quantization']}").items():
         x = [r["file_bytes"] / 1e6 for r in items]
