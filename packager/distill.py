@@ -689,11 +689,9 @@ def write_output(model, pruned_dir: Path, out_dir: Path, provenance: dict, force
                 if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and path.name not in (INDEX_NAME, PROVENANCE_NAME):
                     shutil.copy2(path, writer.staging_dir / path.name)
             provenance["output"] = {"dtype": str(dtype).replace("torch.", ""), "tensors": len(got),
-                                    "same_layout_as_input": got == expected}
+                                    "same_layout_as_input": got == expected, "model_fingerprint": model_fingerprint(saved)}
             atomic_write_json(writer.staging_dir / PROVENANCE_NAME, provenance)
             writer.finalize()
-    provenance["output"]["model_fingerprint"] = model_fingerprint(out_dir)
-    atomic_write_json(out_dir / PROVENANCE_NAME, provenance)
     return out_dir
 
 
