@@ -39,7 +39,7 @@ GGUF_QUANTS = ("Q8_0", "Q4_0")  # next to int8 / int4
 PREFILL_TOKENS = 64
 DECODE_TOKENS = 32
 SAMPLE_SECONDS = 0.005
-REPEATS = 3
+REPEATS = 5
 FALLBACK_SENTENCES = ["Open the file", "Save the document before closing the window.", "The printer is not responding.",
                       "Do you want to replace the existing file?", "Show hidden files and folders"]
 
@@ -227,7 +227,8 @@ def bench_model(pruned: Path, tag: str, work: Path, sentences, threads: int, for
 
     out: dict = {"onnx": {}, "gguf": {}, "formulations": {}}
     for formulation in formulations:
-        for quant in (ONNX_QUANTS if formulation == "contrib" else ("fp32",)):
+        # the standard-op formulations quantize through onnxruntime's own quantizers
+        for quant in (ONNX_QUANTS if formulation != "dense" else ("fp32",)):
             target = work / f"{tag}.{formulation}.{quant}.onnx.d"
             export = _measured(_packager() + ["export", "onnx", str(pruned), "--out", str(target), "--quant", quant,
                                               "--moe", formulation, "--force", "--no-hash"])
@@ -242,8 +243,16 @@ def bench_model(pruned: Path, tag: str, work: Path, sentences, threads: int, for
             print(f"onnx {tag} {formulation} {quant}: {entry['bytes']:,} bytes, prefill "
                   f"{entry['run']['prefill_tokens_per_second']:.0f} tok/s, decode {entry['run']['decode_tokens_per_second']:.0f} tok/s",
                   file=sys.stderr, flush=True)
-            (out["onnx"] if formulation == "contrib" else out["formulations"])[quant if formulation == "contrib" else formulation] = entry
-    out["formulations"]["contrib"] = out["onnx"]["fp32"]
+            if formulation == "contrib":
+                out["onnx"][quant] = entry
+            out["formulations"][f"{formulation}/{quant}"] = {
+                "bytes": entry["bytes"], "load_seconds": entry["run"]["load_seconds"],
+                "prefill_tokens_per_second": entry["run"]["prefill_tokens_per_second"],
+                "decode_tokens_per_second": entry["run"]["decode_tokens_per_second"],
+                "peak_rss_anon_above_baseline_bytes": entry["run"]["memory"]["peak_rss_anon_above_baseline_bytes"],
+                "max_abs_logit_diff": (entry["logit_divergence_vs_transformers"] or {}).get("max_abs"),
+                "contrib_ops": entry["contrib_ops"],
+            }
     gguf = work / f"{tag}.gguf"
     export = _measured(_packager() + ["export", "gguf", str(pruned), "--out", str(gguf), "--dtype", "f32",
                                       "--quant", ",".join(GGUF_QUANTS), "--force", "--no-hash"])

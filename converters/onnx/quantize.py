@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +182,19 @@ def _record_matmuls(before: onnx.ModelProto, after: onnx.ModelProto) -> dict[str
     return record
 
 
+@contextmanager
+def _quiet_root_logger():
+    """onnxruntime's quantizer warns on the root logger ("consider pre-processing"), advice
+    for CNN calibration that does not apply to weight quantization of a decoder."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def quantize_model(model: onnx.ModelProto, quant: str, keep_fp32: set[str], work_dir: Path) -> tuple[onnx.ModelProto, dict]:
     """Quantize `model` (an fp32 export) to `quant`; initializers in `keep_fp32` are not touched."""
     check_quant(quant)
@@ -199,9 +213,10 @@ def quantize_model(model: onnx.ModelProto, quant: str, keep_fp32: set[str], work
         tmp_dir = Path(tempfile.mkdtemp(prefix="int8-", dir=work_dir))  # the quantizer may add data files
         try:
             large = sum(len(init.raw_data) for init in model.graph.initializer) > PROTOBUF_SAFE_BYTES
-            quantize_dynamic(model, tmp_dir / "model.onnx", op_types_to_quantize=["MatMul", "Gather"], per_channel=False,
-                             weight_type=QuantType.QInt8, nodes_to_exclude=excluded, use_external_data_format=large,
-                             extra_options={"MatMulConstBOnly": True})
+            with _quiet_root_logger():
+                quantize_dynamic(model, tmp_dir / "model.onnx", op_types_to_quantize=["MatMul", "Gather"], per_channel=False,
+                                 weight_type=QuantType.QInt8, nodes_to_exclude=excluded, use_external_data_format=large,
+                                 extra_options={"MatMulConstBOnly": True})
             quantized = onnx.load(str(tmp_dir / "model.onnx"))
         finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
