@@ -379,7 +379,7 @@ def plot_rss_vs_size(rows: Sequence[dict]) -> str:
     ax.set_ylabel("peak memory of the runtime process (MB)")
     ax.set_title("Peak RSS vs file size (star = parent; includes the Python runtime)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: never over a point
     return _figure_png(fig)
 
 
@@ -413,6 +413,14 @@ def table_cells(row: dict) -> list[str]:
             _fmt(row["load_seconds"], "{:.2f}"), _fmt(row["prefill_tokens_per_second"], "{:,.0f}"),
             _fmt(row["decode_tokens_per_second"], "{:,.0f}"), _fmt(row["chrf++"]), delta, _fmt(row["bleu"]),
             _fmt(row["error_rate"] * 100 if row["error_rate"] is not None else None, "{:.1f}%"), str(row["hit_token_limit"])]
+
+
+def _top_errors(row: dict, n: int = 2) -> str:
+    """The most frequent error kinds of a row, small under its rate (HTML)."""
+    kinds = sorted(((count, kind) for kind, count in (row.get("errors") or {}).items() if count), reverse=True)[:n]
+    if not kinds:
+        return ""
+    return "<br><small>" + html.escape(", ".join(f"{kind.replace('_', ' ')} {count}" for count, kind in kinds)) + "</small>"
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
@@ -475,7 +483,8 @@ def render_html(packs_rows: dict[str, list[dict]], plots: dict[str, str], info: 
         parts.append("<table><thead><tr>" + "".join(f"<th>{h}</th>" for h in TABLE_HEAD) + "</tr></thead><tbody>")
         for row in rows:
             css = " class='parent'" if row["role"] == "parent" else ""
-            cells = (_RATIO.sub(r"<br><small>\1</small>", html.escape(c)) for c in table_cells(row))
+            cells = [_RATIO.sub(r"<br><small>\1</small>", html.escape(c)) for c in table_cells(row)]
+            cells[TABLE_HEAD.index("gen. errors")] += _top_errors(row)
             parts.append(f"<tr{css}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
         parts.append("</tbody></table>")
     sections = [("quality_vs_size", "Quality vs file size (per pack; star = parent; labels = experts dropped)"),
