@@ -8,7 +8,8 @@ import click
 from converters.onnx.options import DEFAULT_FORMULATION, FORMULATIONS, QUANT_TYPES
 
 MOE_HELP = ("routed-expert formulation: contrib = ONNX Runtime's com.microsoft MoE/QMoE operator (fastest on CPU); "
-            "sparse = standard ONNX ops only (loads in reduced/mobile builds); dense = every expert on every token "
+            "sparse = standard ONNX ops only at fp32/int8 (loads in reduced/mobile builds; int4 needs MatMulNBits); "
+            "dense = every expert on every token "
             "(baseline)")
 
 
