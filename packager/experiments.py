@@ -90,7 +90,9 @@ class ExperimentConfig:
     batch_size: int = 32
     max_new_tokens: int = 256
     seed: int = 0
-    threads: int = 2
+    # one torch thread: with two, any other process on a 2-core machine made OpenMP spin and a
+    # cell took 25-110 s instead of 3-4 s (measured); one thread ran at a steady 3-4 s per cell
+    threads: int = 1
 
     def pack_name(self, langs: Sequence[str]) -> str:
         return f"{ENGLISH}->{','.join(langs)}"
