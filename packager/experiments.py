@@ -796,6 +796,14 @@ def findings(results: dict) -> list[str]:
             if len(same) == 1:
                 text += f" At {100 * top:g}% every layer keeps exactly top-k experts, so all allocations coincide."
             lines.append(text)
+    for pack in packs:
+        best = []
+        for drop in config["drops"]:
+            cands = [r for r in sweep if r["pack"] == pack and r["drop"] == drop]
+            if cands:
+                top = max(cands, key=lambda r: r["mean"]["chrf++"])
+                best.append(f"{100 * drop:g}%: {top['ranker']}/{top['allocation']} {top['mean']['chrf++']:.1f}")
+        lines.append(f"Best setting per drop ratio, {pack}: " + "; ".join(best) + ".")
     rows = [r for r in results["recovery"]["rows"] if "pruned" in r]
     p = results["parent"]["packs"][results["recovery"]["pack"]]["mean"]["chrf++"]
     for r in rows:
@@ -891,7 +899,8 @@ def render_markdown(results: dict, out_dir: Path, md_path: Path) -> str:
     if extra:
         lines += ["", "Distillation seed noise: " + "; ".join(
             f"{100 * r['drop']:g}% seed {r['seed']}: {_fmt(r['parent']['mean']['chrf++'])}" for r in extra)
-            + " (compare the distillation column above, seed " + str(config["seed"]) + ")."]
+            + " (compare the distillation column above, seed " + str(config["seed"]) + "; another seed samples other "
+            "training sentences, so the parent translates them anew, and changes the dev split and the batch order)."]
     lines += ["", "## Mask overlap (routing mass, per-language en->X masks)", "",
               "| dropped | allocation | pairwise IoU (random) | all languages IoU (random) |", "|---|---|---|---|"]
     for r in results["overlap"]:
