@@ -85,9 +85,9 @@ def train_tokenizer(records: list[dict], out_dir: Path, vocab_size: int) -> None
         assert fast.convert_tokens_to_ids(token) == index, token
 
 
-def encode_examples(tokenizer, records: list[dict]) -> list[tuple[list[int], int]]:
+def encode_examples(tokenizer, records: list[dict], both_ways: bool = True) -> list[tuple[list[int], int]]:
     """(token ids, prompt length) per direction; prompts are masked out of the loss."""
-    rows = list(directions(records))
+    rows = list(directions(records)) if both_ways else [(r["src_lang"], r["tgt_lang"], r["src"], r["tgt"]) for r in records]
     src_ids = tokenizer([r[2] for r in rows], add_special_tokens=False)["input_ids"]
     tgt_ids = tokenizer([r[3] for r in rows], add_special_tokens=False)["input_ids"]
     bos, eos, sep = (tokenizer.convert_tokens_to_ids(t) for t in ("<|bos|>", "<|eos|>", "<|sep|>"))
@@ -219,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--focus", default="",
+                        help="comma-separated en->X targets (e.g. de,fr,es) whose en->X pairs are seen extra times")
+    parser.add_argument("--focus-repeat", type=int, default=2,
+                        help="extra copies per epoch of each focus pair in the en->X direction")
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
     parser.add_argument("--export-only", action="store_true",
                         help="write the latest checkpoint to --out without training (e.g. to try an intermediate model)")
@@ -257,6 +261,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     say("encoding examples")
     train_examples = encode_examples(tokenizer, train)
+    focus = [code for code in args.focus.split(",") if code]
+    if focus:
+        # The quality bar is on en->de/fr/es: those directions get extra passes, the rest keep one.
+        unknown = sorted(set(focus) - set(MODEL_LANGS[1:]))
+        if unknown:
+            raise SystemExit(f"error: --focus {','.join(unknown)}: not a target language of the model {MODEL_LANGS[1:]}")
+        focus_records = [r for r in train if r["src_lang"] == "en" and r["tgt_lang"] in focus]
+        train_examples += encode_examples(tokenizer, focus_records, both_ways=False) * args.focus_repeat
     dev_examples = encode_examples(tokenizer, dev)
     random.Random(args.seed).shuffle(dev_examples)
     say(f"{len(train_examples)} training examples, {len(dev_examples)} dev examples")
@@ -327,7 +339,7 @@ def export(model, tokenizer, out: Path, state: dict, args) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     record = {"steps": state["step"], "tokens": state["tokens"], "train_minutes": round(state["elapsed"] / 60, 1),
               "dev_loss": state["dev_loss"], "seed": args.seed, "lr": args.lr, "tokens_per_batch": args.tokens_per_batch,
-              "threads": args.threads, "command": " ".join(sys.argv)}
+              "threads": args.threads, "focus": args.focus, "focus_repeat": args.focus_repeat, "command": " ".join(sys.argv)}
     (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     if out.exists():
         import shutil

@@ -8,7 +8,10 @@
 2. Targets: with `targets="parent"` the parent translates the sampled source sentences
    (greedy or beam search, batched) and the pruned model learns the parent's token ids;
    outputs that hit the length bound without an end token (usually loops), or are empty,
-   are dropped and counted (`keep_unfinished` keeps the cut ones). The parent's outputs are
+   are dropped and counted (`keep_unfinished` keeps the cut ones), and so are outputs that the
+   reference-free generation-error detectors of `packager.quality` flag (loops, wrong script or
+   language, length outliers, lost placeholders; `drop_flagged=False` keeps them): a weak
+   parent's mistakes are not worth teaching. The parent's outputs are
    cached on disk under a key made of the parent fingerprint, the data files' sha256, the
    pairs, the sentence count, the sampling seed and the decoding settings, so re-runs reuse
    them without loading the parent.
@@ -95,6 +98,7 @@ class DistillSettings:
     seed: int = 0
     max_new_tokens: int = 128              # parent decoding bound
     keep_unfinished: bool = False          # train on parent outputs cut by the bound (default: drop them)
+    drop_flagged: bool = True              # drop parent outputs the generation-error detectors flag
     num_beams: int = 1
     gen_batch_size: int = 32
     prompt_template: str = "{source}"
@@ -375,6 +379,22 @@ def parent_outputs(parent_dir: Path, samples: list[Sample], settings: DistillSet
 class Example:
     ids: list[int]
     prompt_len: int
+
+
+def flagged_outputs(samples: list[Sample], rows: list[dict]) -> list[list[str]]:
+    """The generation-error kinds of each parent output (packager.quality's detectors, with the
+    usual target/source length ratio of each direction taken from its references)."""
+    from packager.quality import ErrorDetector, usual_length_ratio
+    from runtime.languages import parse_pair
+
+    pairs = {s.pair: parse_pair(s.pair) for s in samples}
+    ratios = {}
+    for slug, pair in pairs.items():
+        with_refs = [s for s in samples if s.pair == slug and s.reference]
+        ratios[(pair.src.code, pair.tgt.code)] = usual_length_ratio([s.source for s in with_refs], [s.reference for s in with_refs])
+    detector = ErrorDetector(sorted({p.src.code for p in pairs.values()} | {p.tgt.code for p in pairs.values()}), ratios)
+    return [detector.detect(s.source, row["text"], pairs[s.pair].src, pairs[s.pair].tgt) if row["text"] else []
+            for s, row in zip(samples, rows)]
 
 
 def build_examples(samples: list[Sample], prompts: list[list[int]], eos_id: int, max_tokens: int) -> tuple[list[Example], dict]:
@@ -786,11 +806,15 @@ def distill(pruned_dir: str | os.PathLike, parent_dir: str | os.PathLike, data: 
                 gen_seconds = time.monotonic() - gen_started
                 write_cached_outputs(cache_file, key, rows, gen_seconds)
                 record["parent_outputs"]["seconds"] = round(gen_seconds, 2)
-            for sample, row in zip(samples, rows):
+            dropped["flagged"] = 0
+            flags = flagged_outputs(samples, rows) if settings.drop_flagged else [[] for _ in rows]
+            for sample, row, kinds in zip(samples, rows, flags):
                 if not row["finished"] and not settings.keep_unfinished:
                     dropped["unfinished"] += 1
                 elif not row["text"]:
                     dropped["empty"] += 1
+                elif kinds:
+                    dropped["flagged"] += 1
                 else:
                     sample.target_ids = list(row["ids"])
         else:

@@ -83,6 +83,7 @@ class ExperimentConfig:
     distill_lr: float = 3e-4
     distill_batch_tokens: int = 4096
     distill_keep_unfinished: bool = False   # a random tiny parent never ends its outputs: --quick keeps them
+    distill_drop_flagged: bool = True       # ... and every output of it is flagged: --quick keeps those too
     distill_noise_seeds: tuple[int, ...] = (1,)   # extra distillation seeds at distill_noise_drop
     distill_noise_drop: float = 0.75
     overlap_drops: tuple[float, ...] = (0.75, 0.875)
@@ -102,6 +103,7 @@ QUICK = ExperimentConfig(
     packs=(("de",), ("de", "fr")), drops=(0.5, 0.75), calib_sentences=16, sample=8, noise_samples=2, noise_seeds=2,
     bootstrap=0, recovery_drops=(0.5, 0.75), best_drops=(0.5, 0.75), distill_sentences=20, distill_minutes=None,
     distill_max_steps=3, distill_eval_every=2, distill_batch_tokens=1024, distill_keep_unfinished=True,
+    distill_drop_flagged=False,
     distill_noise_seeds=(), overlap_drops=(0.5, 0.75),
     overlap_langs=("de", "fr"), batch_size=16, max_new_tokens=16,
 )
@@ -456,7 +458,8 @@ class Experiment:
                         pairs=tuple(slugs), targets=targets, sentences=config.distill_sentences,
                         max_steps=config.distill_max_steps, minutes=config.distill_minutes, lr=config.distill_lr,
                         batch_tokens=config.distill_batch_tokens, eval_every=config.distill_eval_every, seed=seed,
-                        gen_batch_size=64, keep_unfinished=config.distill_keep_unfinished)
+                        gen_batch_size=64, keep_unfinished=config.distill_keep_unfinished,
+                        drop_flagged=config.distill_drop_flagged)
                     distill(pruned, self.model_dir, [self.data_dir / "train.jsonl"], distill_settings, out,
                             cache_dir=self.out_dir / "distill-cache", work_dir=self.out_dir / "work" / name, force=True,
                             command=self.command, show_progress=False)

@@ -33,7 +33,8 @@ UNIFORM_KEEP = {0: [1, 3, 4, 6], 1: [0, 2, 5, 7]}
 NONUNIFORM_KEEP = {0: [0, 1, 2, 5, 6, 7], 1: [2, 5]}
 # a few steps on 60 sentences per direction; unfinished outputs of the random parent are kept
 FAST = dict(pairs=("en-de", "de-en"), sentences=30, max_steps=12, lr=3e-3, batch_tokens=600, eval_every=4,
-            patience=10, max_new_tokens=12, keep_unfinished=True, gen_batch_size=16, warmup_steps=2)
+            patience=10, max_new_tokens=12, keep_unfinished=True, drop_flagged=False,
+            gen_batch_size=16, warmup_steps=2)
 
 
 def _harvest_records(limit: int) -> list[dict]:
@@ -289,11 +290,11 @@ def test_unfinished_and_empty_parent_outputs_are_dropped(pruned, parent, data, w
     settings = DistillSettings(**{**FAST, "keep_unfinished": False, "max_steps": 1, "max_new_tokens": 7})
     result = distill(pruned, parent, [data], settings, work / "dropped", cache_dir=work / "cache-fake")
     sentences = result.provenance["sentences"]
-    assert sentences["dropped"] == {"unfinished": 20, "empty": 20, "too_long": 0}
+    assert sentences["dropped"] == {"unfinished": 20, "empty": 20, "flagged": 0, "too_long": 0}
     assert sentences["train"] + sentences["dev"] == 20
     kept = DistillSettings(**{**FAST, "keep_unfinished": True, "max_steps": 1, "max_new_tokens": 7})
     result = distill(pruned, parent, [data], kept, work / "kept", cache_dir=work / "cache-fake")
-    assert result.provenance["sentences"]["dropped"] == {"unfinished": 0, "empty": 20, "too_long": 0}
+    assert result.provenance["sentences"]["dropped"] == {"unfinished": 0, "empty": 20, "flagged": 0, "too_long": 0}
     # nothing usable left: a clear error
     monkeypatch.setattr(distill_module, "parent_outputs",
                         lambda d, samples, s, p=None: [{**row, "finished": False} for row in fake_outputs(d, samples, s)])
@@ -314,3 +315,39 @@ def test_cli_prints_one_error_line(pruned, parent, work):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "empty-cli.jsonl" in lines[0] and "empty data" in lines[0]
     assert not (work / "cli-out").exists()
+
+
+def test_flagged_parent_outputs_are_dropped(pruned, parent, data, work, monkeypatch):
+    # every other parent output is a loop; the rest are the reference translations
+    def fake_outputs(parent_dir, samples, settings, progress=None):
+        rows = []
+        for i, sample in enumerate(samples):
+            text = "Haus Haus Haus Haus Haus Haus" if i % 2 == 0 else sample.reference
+            rows.append({"pair": sample.pair, "source": sample.source, "ids": [40, 41, 2], "text": text, "finished": True})
+        return rows
+
+    monkeypatch.setattr(distill_module, "parent_outputs", fake_outputs)
+    settings = DistillSettings(**{**FAST, "drop_flagged": True, "max_steps": 1})
+    result = distill(pruned, parent, [data], settings, work / "flagged", cache_dir=work / "cache-flagged")
+    sentences = result.provenance["sentences"]
+    assert sentences["sampled"] == 60
+    assert sentences["dropped"] == {"unfinished": 0, "empty": 0, "flagged": 30, "too_long": 0}
+    assert sentences["train"] + sentences["dev"] == 30
+    kept = DistillSettings(**{**FAST, "drop_flagged": False, "max_steps": 1})
+    result = distill(pruned, parent, [data], kept, work / "unflagged", cache_dir=work / "cache-flagged")
+    assert result.provenance["sentences"]["dropped"]["flagged"] == 0
+
+
+def test_flag_kinds_of_parent_outputs():
+    from packager.distill import Sample, flagged_outputs
+
+    source = "The file could not be saved because the disk is full."
+    samples = [Sample("en-de", source, "Die Datei konnte nicht gespeichert werden, weil der Datenträger voll ist.")] * 4
+    texts = ["Die Datei konnte nicht gespeichert werden, weil der Datenträger voll ist.",
+             "Datei Datei Datei Datei Datei Datei",
+             "Файл не может быть сохранён, потому что диск заполнен.",
+             "Die Datei %s konnte nicht gespeichert werden, weil der Datenträger voll ist."]
+    rows = [{"text": t} for t in texts]
+    assert flagged_outputs(samples, rows) == [[], ["repetition"], ["wrong_script"], []]
+    with_placeholder = [Sample("en-de", "Cannot open %s: the disk is full.", "%s kann nicht geöffnet werden.")]
+    assert flagged_outputs(with_placeholder, [{"text": "Kann nicht geöffnet werden: der Datenträger ist voll."}]) == [["lost_placeholder"]]

@@ -30,6 +30,8 @@ import click
 @click.option("--max-new-tokens", default=128, show_default=True, type=int, help="bound of each parent translation")
 @click.option("--beams", "num_beams", default=1, show_default=True, type=int, help="parent beam size (1 = greedy)")
 @click.option("--keep-unfinished", is_flag=True, help="also train on parent outputs cut by --max-new-tokens")
+@click.option("--keep-flagged", is_flag=True,
+              help="also train on parent outputs the generation-error detectors flag (loops, wrong language, ...)")
 @click.option("--gen-batch-size", default=32, show_default=True, type=int, help="parent translation batch size")
 @click.option("--prompt-template", default="{source}", show_default=True, help="user message around {source}")
 @click.option("--text-lang", default=None, help="language of plain-text data files (parent targets only)")
@@ -45,7 +47,7 @@ import click
 def distill_command(pruned_dir: Path, parent_dir: Path, data: tuple[Path, ...], pairs: str, out_dir: Path, targets: str,
                     sentences: int, max_steps: int | None, minutes: float | None, lr: float, batch_tokens: int,
                     eval_every: int, patience: int, seed: int, max_new_tokens: int, num_beams: int,
-                    keep_unfinished: bool, gen_batch_size: int, prompt_template: str, text_lang: str | None,
+                    keep_unfinished: bool, keep_flagged: bool, gen_batch_size: int, prompt_template: str, text_lang: str | None,
                     cache_dir: Path | None, work_dir: Path | None, keep_work: bool, device: str, dtype: str,
                     force: bool) -> None:
     """Recover a pruned model by fine-tuning it on its parent's translations.
@@ -63,7 +65,8 @@ def distill_command(pruned_dir: Path, parent_dir: Path, data: tuple[Path, ...], 
     settings = DistillSettings(
         pairs=slugs, targets=targets, sentences=sentences, max_steps=max_steps, minutes=minutes, lr=lr,
         batch_tokens=batch_tokens, eval_every=eval_every, patience=patience, seed=seed, max_new_tokens=max_new_tokens,
-        num_beams=num_beams, keep_unfinished=keep_unfinished, gen_batch_size=gen_batch_size,
+        num_beams=num_beams, keep_unfinished=keep_unfinished, drop_flagged=not keep_flagged,
+        gen_batch_size=gen_batch_size,
         prompt_template=prompt_template, text_lang=text_lang, device=device, dtype=dtype,
     )
     result = distill(pruned_dir, parent_dir, list(data), settings, out_dir, cache_dir=cache_dir, work_dir=work_dir,
