@@ -809,16 +809,28 @@ def findings(results: dict) -> list[str]:
         lines.append(f"Best setting per drop ratio, {pack}: " + "; ".join(best) + ".")
     rows = [r for r in results["recovery"]["rows"] if "pruned" in r]
     p = results["parent"]["packs"][results["recovery"]["pack"]]["mean"]["chrf++"]
+    # a loss smaller than twice the measured paired-loss noise (or 1 point) has no meaningful share
+    sd_loss = (results.get("noise") or {}).get("test_samples", {}).get("sd_loss") or 0.0
+    floor = max(1.0, 2 * sd_loss)
+
+    def errors(cell):
+        rate = cell["mean"].get("error_rate")
+        return f" ({100 * rate:.0f}% errors)" if rate is not None else ""
+
     for r in rows:
         lost = p - r["pruned"]["mean"]["chrf++"]
-        if lost >= 1.0:
+        scores = (f"no recovery {r['pruned']['mean']['chrf++']:.1f}{errors(r['pruned'])}, distillation "
+                  f"{r['parent']['mean']['chrf++']:.1f}{errors(r['parent'])}, SFT on references "
+                  f"{r['references']['mean']['chrf++']:.1f}{errors(r['references'])}, parent {p:.1f}")
+        if lost >= floor:
             shares = {k: (r[k]["mean"]["chrf++"] - r["pruned"]["mean"]["chrf++"]) / lost for k in ("parent", "references")}
             lines.append(f"At {100 * r['drop']:g}% dropped, pruning loses {lost:.1f} chrF++; distillation recovers "
-                         f"{100 * shares['parent']:.0f}% of it, SFT on references {100 * shares['references']:.0f}%.")
+                         f"{100 * shares['parent']:.0f}% of it, SFT on references {100 * shares['references']:.0f}% "
+                         f"({scores}).")
         else:
-            lines.append(f"At {100 * r['drop']:g}% dropped, pruning changes chrF++ by {-lost:+.1f} (under 1 point: too small "
-                         f"to measure a recovery share); distillation {r['parent']['mean']['chrf++']:.1f}, SFT "
-                         f"{r['references']['mean']['chrf++']:.1f}, no recovery {r['pruned']['mean']['chrf++']:.1f}.")
+            lines.append(f"At {100 * r['drop']:g}% dropped, pruning changes chrF++ by {-lost:+.1f}, under the noise floor of "
+                         f"{floor:.1f} (2 x the measured sd of the loss, at least 1): no recovery share is meaningful "
+                         f"({scores}).")
     return lines
 
 
