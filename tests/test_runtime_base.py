@@ -337,3 +337,23 @@ def test_edge_translate_cli_without_torch_reports_one_error_line(tmp_path):
     assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'fake.gguf'}: not a GGUF file (magic b'NOPE'); export it with `packager export gguf`"]
     result = run_without_torch(tmp_path, code, str(tmp_path / "fake.gguf"), "hello", "--from", "en", "--to", "xx")
     assert result.returncode == 1 and result.stderr.startswith("error: unknown language 'xx'")
+
+
+def test_atomic_writes_get_the_umask_mode_not_a_private_one(tmp_path):
+    # mkstemp makes 0600 files; a shipped manifest must be readable like any other file
+    import os
+
+    from runtime.atomic import atomic_write_json, make_public
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write_json(tmp_path / "m.json", {"a": 1})
+        assert path.stat().st_mode & 0o777 == 0o644
+        private = tmp_path / "private"
+        private.mkdir(mode=0o700)
+        make_public(private)
+        assert private.stat().st_mode & 0o777 == 0o755
+        os.umask(0o077)
+        assert atomic_write_json(tmp_path / "n.json", {}).stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)

@@ -28,6 +28,7 @@ from converters.onnx.options import DEFAULT_FORMULATION, FORMULATIONS, SUPPORTED
 from converters.onnx.quantize import check_quant, quantize_model
 from packager import __version__
 from packager.errors import OutputExistsError, PackagerError
+from runtime.atomic import make_public
 from runtime.backends import export_config_path
 from runtime.backends.onnx_backend import CONTRIB_OPS_NOTE, graph_input_names, graph_output_names
 from runtime.errors import EdgeError
@@ -331,6 +332,7 @@ def export_onnx(
     from converters.onnx.graph import DecoderGraph
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    make_public(staging)
     try:
         with _Stages(progress) as stages:
             with stages.stage("load checkpoint"):
