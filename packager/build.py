@@ -52,6 +52,7 @@ import shutil
 import sys
 import time
 import tomllib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -383,17 +384,49 @@ def _dir_key(path: Path) -> dict[str, str]:
     return {p.relative_to(path).as_posix(): _file_key(p) for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+LOCK_NAME = ".build.lock"
+
+
+@contextmanager
+def run_dir_lock(run_dir: Path):
+    """One build per run directory: two builds writing the same steps would corrupt each other.
+    An flock dies with its process, so a killed build never leaves a stale lock behind."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = (run_dir / LOCK_NAME).open("a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise BuildError(f"{run_dir}: another `packager build` (pid {holder}) is writing this run directory; "
+                             "wait for it to finish or choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
 def build(packs_file: str | os.PathLike, run_dir: str | os.PathLike, *, dry_run: bool = False, console=None,
           command: str | None = None) -> dict:
     """Run (or with `dry_run` list) every step; returns the build record (also RUN_DIR/build.json)."""
+    config = load_build_config(packs_file)
+    run_dir = Path(run_dir).resolve()
+    with run_dir_lock(run_dir):
+        return _build(config, run_dir, dry_run=dry_run, console=console, command=command)
+
+
+def _build(config: BuildConfig, run_dir: Path, *, dry_run: bool, console, command: str | None) -> dict:
     from rich.console import Console
 
     from runtime.atomic import atomic_write_json
 
-    config = load_build_config(packs_file)
-    run_dir = Path(run_dir).resolve()
     console = console or Console(stderr=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
     runner = StepRunner(run_dir, console)
     steps: list[Step] = []
     inputs = {

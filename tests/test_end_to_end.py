@@ -149,6 +149,21 @@ def test_resume_skips_finished_steps(first_build, work):
     assert {step["status"] for step in planned["steps"][:-1]} == {"up to date"}
 
 
+def test_a_second_build_into_the_same_run_dir_is_refused(first_build, work):
+    import os
+
+    from packager.build import run_dir_lock
+
+    # a build in another process holds the lock (a separate open file: flock conflicts even in-process)
+    with run_dir_lock(work / "run"):
+        with pytest.raises(BuildError, match=rf"another `packager build` \(pid {os.getpid()}\) is writing this run "
+                                             r"directory; wait for it to finish or choose another --out"):
+            build(work / "packs.toml", work / "run", console=quiet(), dry_run=True)
+    # released with its holder: the next build runs
+    planned = build(work / "packs.toml", work / "run", console=quiet(), dry_run=True)
+    assert planned["steps"]
+
+
 def test_bad_build_files(work):
     def config(text: str) -> Path:
         path = work / "bad.toml"
