@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--directions", default="all", help="comma list like en-de,de-en or 'all'")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--floor", type=float, default=None,
+                        help="fail (exit 1) when a --floor-directions direction scores chrF++ below this")
+    parser.add_argument("--floor-directions", default="en-de,en-fr,en-es")
     args = parser.parse_args(argv)
 
     import torch
@@ -94,6 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.write_text(json.dumps({"model": str(args.model), "per_direction": args.per_direction, "results": results},
                                        indent=2, ensure_ascii=False) + "\n")
+    if args.floor is not None:
+        low = {d: results[d]["chrf++"] for d in args.floor_directions.split(",") if d in results and results[d]["chrf++"] < args.floor}
+        if low:
+            print(f"error: {args.model}: chrF++ below the floor {args.floor} for "
+                  + ", ".join(f"{d} ({v:.1f})" for d, v in low.items()) + "; the model regressed or the test data changed",
+                  file=sys.stderr)
+            return 1
     return 0
 
 
