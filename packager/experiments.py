@@ -528,6 +528,13 @@ class Experiment:
         write_outputs(results, self.out_dir, self.results_md)
         return results
 
+    def layer_jsd(self) -> dict[str, list[float]]:
+        """Per pack, the per-layer JSD against English that dynamic allocation follows (en->X, output role)."""
+        from packager.planning import pack_jsd
+
+        return {self.config.pack_name(langs): [round(float(v), 4) for v in pack_jsd(self.stats, list(langs), "en-x")[0]]
+                for langs in self.config.packs}
+
     def results(self, parent, sweep, best, noise, overlap, recovery) -> dict:
         import torch
         import transformers
@@ -557,6 +564,7 @@ class Experiment:
                 "mask_mode": "dropped experts' router logits set to -inf in the loaded parent (packager.masking); no files",
             },
             "parent": parent,
+            "layer_jsd": self.layer_jsd(),
             "sweep": sweep,
             "best_plan": best,
             "noise": noise,
@@ -891,6 +899,20 @@ def render_markdown(results: dict, out_dir: Path, md_path: Path) -> str:
                         cells.append(f"{_fmt(r['mean']['chrf++'])} / {_pct(r['mean']['error_rate'])}")
                 lines.append(f"| {ranker} | {allocation} | " + " | ".join(cells) + " |")
         lines += ["", f"Plot: `{out_dir / 'plots' / ('sweep-' + _slug(pack) + '.png')}`"]
+        jsd = (results.get("layer_jsd") or {}).get(pack)
+        mass = [r for r in rows if r["ranker"] == "routing-mass" and "counts" in r]
+        if mass:
+            lines += ["", "Experts kept per MoE layer by the routing-mass plans"
+                      + (f"; the per-layer JSD against English that dynamic allocation follows is "
+                         f"{' / '.join(f'{v:.3f}' for v in jsd)}" if jsd else "") + ":", "",
+                      "| allocation | " + " | ".join(f"{100 * d:g}%" for d in config["drops"]) + " |",
+                      "|---|" + "---|" * len(config["drops"])]
+            for allocation in config["allocations"]:
+                cells = []
+                for drop in config["drops"]:
+                    r = next((r for r in mass if (r["allocation"], r["drop"]) == (allocation, drop)), None)
+                    cells.append("/".join(map(str, r["counts"])) if r else "n/a")
+                lines.append(f"| {allocation} | " + " | ".join(cells) + " |")
     best = results["best_plan"]
     rec = results["recovery"]
     lines += ["", f"## Recovery ({rec['pack']}, plan {best['ranker']} / {best['allocation']})", "",
