@@ -500,7 +500,7 @@ def render_html(packs_rows: dict[str, list[dict]], plots: dict[str, str], info: 
 
 NOTES = """<h2>How to read this</h2><ul class='notes'>
 <li><b>chrF++</b> and <b>BLEU</b>: sacrebleu (signatures in report.json), greedy decoding in the device runtime, mean over the pack's directions. Δ parent compares with the parent in the same format and quantization.</li>
-<li><b>Generation errors</b>, counted apart from quality: empty output, repetition loops, length-ratio outliers, wrong script or language (langid), lost placeholders or markup. The dotted line shows the same detectors run on the human references (their false-positive rate). <b>hit limit</b> = outputs that never emitted end-of-sequence within the token budget.</li>
+<li><b>Generation errors</b>, counted apart from quality: empty output, repetition loops, length-ratio outliers, wrong script or language (lingua), lost placeholders or markup. The dotted line shows the same detectors run on the human references (their false-positive rate). <b>hit limit</b> = outputs that never emitted end-of-sequence within the token budget.</li>
 <li><b>Peak RSS</b>: peak resident memory of a fresh runtime process (Python + runtime + model, memory-mapped file pages included); <b>anon</b>: peak anonymous memory (not reclaimable). Ratios (×) compare with the parent.</li>
 <li><b>dropped</b>: share of routed experts removed by the plan; experts = kept / parent total over all MoE layers.</li>
 </ul>"""

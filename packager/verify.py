@@ -5,11 +5,11 @@ Each model runs in a fresh subprocess (`python -m packager.verify --worker JOB O
 imports only `runtime/` and the backend's library, so its memory figures are the runtime's
 own: baseline RSS after the imports, then peak total RSS (VmHWM, which counts the
 memory-mapped model pages) and peak anonymous RSS (RssAnon, sampled; the memory that cannot
-be reclaimed), absolute and above the baseline. Scoring (sacrebleu, langid) happens in the
+be reclaimed), absolute and above the baseline. Scoring (sacrebleu, lingua) happens in the
 parent process afterwards.
 
 This module's top level imports only the standard library and `runtime/`: the worker runs
-without torch, sacrebleu or langid.
+without torch, sacrebleu or lingua.
 """
 from __future__ import annotations
 
@@ -484,7 +484,7 @@ def _versions() -> dict:
     from importlib import metadata
 
     versions = {"packager": __version__, "python": platform.python_version()}
-    for dist in ("llama_cpp_python", "onnxruntime", "sacrebleu", "langid"):
+    for dist in ("llama_cpp_python", "onnxruntime", "sacrebleu", "lingua-language-detector"):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

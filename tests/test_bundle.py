@@ -354,7 +354,7 @@ def test_existing_bundle_needs_force(work, gguf_file, metrics_path):
 
 
 # ------------------------------------------------------------------------------- runtime without torch
-BLOCKED = "import sys\nfor name in ('torch', 'transformers', 'safetensors', 'sacrebleu', 'langid', 'matplotlib'):\n    sys.modules[name] = None\n"
+BLOCKED = "import sys\nfor name in ('torch', 'transformers', 'safetensors', 'sacrebleu', 'lingua', 'matplotlib'):\n    sys.modules[name] = None\n"
 
 
 def test_runtime_and_verify_worker_run_without_torch(bundle_dir, work):
