@@ -1,4 +1,7 @@
-"""`packager calibrate MODEL --data FILE --pairs en-de,de-en --out STATS.safetensors`."""
+"""`packager calibrate MODEL --data FILE --pairs en-de,de-en --out STATS.safetensors`.
+
+MODEL is a Hugging Face directory (transformers, packager.calibrate) or a `.gguf` file
+(llama.cpp, packager.calibrate_gguf: needs neither torch nor transformers)."""
 from __future__ import annotations
 
 import shlex
@@ -24,13 +27,15 @@ import click
 @click.option("--reap/--no-reap", default=True, show_default=True, help="also record REAP sums (expert output norms)")
 @click.option("--seed", default=0, show_default=True, type=int, help="sentence sampling seed")
 @click.option("--text-lang", default=None, help="language of plain-text data files")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="transformers compute dtype (a GGUF runs in its own tensor types)")
 @click.option("--force", is_flag=True, help="overwrite --out if it exists")
 def calibrate_command(model: Path, data: tuple[Path, ...], pairs: str, out_path: Path, teacher_forced: bool,
                       max_sentences: int, max_new_tokens: int, batch_size: int, prompt_template: str, reap: bool,
                       seed: int, text_lang: str | None, dtype: str, force: bool) -> None:
-    """Record the routing statistics of MODEL on translation prompts."""
-    from packager.calibrate import CalibrationError, CalibrationSettings, calibrate, parse_pair_list
+    """Record the routing statistics of MODEL (a Hugging Face directory or a .gguf file) on
+    translation prompts."""
+    from packager.calibration_data import CalibrationError, CalibrationSettings, parse_pair_list
     from packager.errors import OutputExistsError
 
     if out_path.exists() and not force:
@@ -42,7 +47,14 @@ def calibrate_command(model: Path, data: tuple[Path, ...], pairs: str, out_path:
         max_sentences=None if max_sentences == 0 else max_sentences, max_new_tokens=max_new_tokens,
         batch_size=batch_size, prompt_template=prompt_template, reap=reap, seed=seed, text_lang=text_lang, dtype=dtype,
     )
-    stats = calibrate(model, list(data), settings, command=shlex.join(sys.argv), show_progress=True)
+    if model.suffix.lower() == ".gguf":
+        from packager.calibrate_gguf import calibrate_gguf
+
+        stats = calibrate_gguf(model, list(data), settings, command=shlex.join(sys.argv), show_progress=True)
+    else:
+        from packager.calibrate import calibrate
+
+        stats = calibrate(model, list(data), settings, command=shlex.join(sys.argv), show_progress=True)
     stats.save(out_path)
     run = stats.meta["provenance"][0]
     counts = ", ".join(f"{slug} {n} sentences / {run['tokens'][slug]} tokens" for slug, n in run["sentences"].items())
