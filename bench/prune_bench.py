@@ -77,15 +77,28 @@ def _nbytes(shape: list[int]) -> int:
     return n
 
 
-def build_input(model_dir: Path, n_layers: int) -> int:
-    """Write the synthetic checkpoint shard by shard from a random pattern buffer; returns bytes."""
+def normal_bf16_pattern(n_bytes: int = 64 * 1024**2, scale: float = 0.02) -> bytes:
+    """bf16 values N(0, scale): a pattern a model can compute with (random bytes hold NaNs and
+    denormals, fine for copying, not for running)."""
+    import numpy as np
+
+    values = np.random.default_rng(0).normal(0.0, scale, n_bytes // 2).astype(np.float32)
+    return (values.view(np.uint32) >> 16).astype(np.uint16).tobytes()  # truncation to bf16
+
+
+def build_input(model_dir: Path, n_layers: int, values: str = "random-bytes") -> int:
+    """Write the synthetic checkpoint shard by shard from a pattern buffer; returns bytes.
+    values: 'random-bytes' (pruning, copying) or 'normal' (bf16 N(0, 0.02), for running it)."""
     marker = model_dir / "BENCH_INPUT.json"
     spec = {"n_layers": n_layers, "shapes": SHAPES, "shard_bytes": SHARD_BYTES, "version": 1}
+    if values != "random-bytes":
+        spec["values"] = values
     if marker.exists() and json.loads(marker.read_text()) == spec:
         return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
     shutil.rmtree(model_dir, ignore_errors=True)
     model_dir.mkdir(parents=True)
-    pattern = random.Random(0).randbytes(64 * 1024**2)
+    pattern = random.Random(0).randbytes(64 * 1024**2) if values == "random-bytes" else normal_bf16_pattern()
+    step = 4099 if values == "random-bytes" else 4098  # even steps keep bf16 values aligned
     shards: list[list[tuple[str, list[int]]]] = [[]]
     size = 0
     for name, shape in _tensors(n_layers):
@@ -113,7 +126,7 @@ def build_input(model_dir: Path, n_layers: int) -> int:
                 chunk = pattern[start:start + min(remaining, len(pattern) - start)]
                 fh.write(chunk)
                 remaining -= len(chunk)
-                cursor += 4099
+                cursor += step
         total += offset
         print(f"  wrote {file_name} ({offset / 1e9:.2f} GB)", flush=True)
     (model_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},

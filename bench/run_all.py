@@ -1,4 +1,5 @@
-"""`make bench`: every benchmark except the multi-GB prune one (`make bench-prune`), each in
+"""`make bench`: every benchmark except the multi-GB prune one (`make bench-prune`; the streamed
+calibration one builds 6-11 GB checkpoints under data/bench), each in
 its own process so their memory figures do not mix. Results land in bench/results/*.json."""
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHMARKS = ("bench.calibration_bench", "bench.gguf_bench", "bench.onnx_bench")
+BENCHMARKS = ("bench.calibration_bench", "bench.calibration_stream_bench", "bench.gguf_bench", "bench.onnx_bench")
 
 
 def main() -> int:

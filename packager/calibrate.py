@@ -37,213 +37,15 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+# the torch-free pieces shared with the llama.cpp backend (packager.calibrate_gguf), re-exported here
+from packager.calibration_data import (  # noqa: F401
+    PROMPT_FIELDS, SLOTS, CalibrationError, CalibrationSettings, Example, check_prompt_template, parse_pair_list,
+    read_examples,
+)
 from packager.errors import PackagerError
 from packager.stats import MODE_SPAN, PROMPT, SEQUENCE, SOURCE, RoutingStats, empty_stats
 
 logger = logging.getLogger(__name__)
-
-# span slots in the capture pass; the last one is the union of the others
-SLOTS = (PROMPT, SOURCE, "output", SEQUENCE)
-PROMPT_FIELDS = {"source", "source_lang", "target_lang", "source_name", "target_name"}
-
-
-class CalibrationError(PackagerError):
-    """Calibration input (data, languages, model, template) that cannot be used."""
-
-
-@dataclass(frozen=True)
-class CalibrationSettings:
-    pairs: tuple[str, ...]                 # direction slugs, e.g. ("en-de", "de-en")
-    teacher_forced: bool = False
-    max_sentences: int | None = 200        # per direction; None = all
-    max_new_tokens: int = 128
-    batch_size: int = 16
-    prompt_template: str = "{source}"
-    reap: bool = True
-    seed: int = 0
-    text_lang: str | None = None           # language of plain-text data files
-    dtype: str = "float32"
-
-    @property
-    def mode(self) -> str:
-        return "teacher-forced" if self.teacher_forced else "generate"
-
-
-@dataclass(frozen=True)
-class Example:
-    pair: str
-    source: str
-    target: str | None
-
-
-# ---- languages ------------------------------------------------------------------------------
-def parse_pair_list(spec: str) -> list[str]:
-    """Direction slugs of `--pairs`: 'en-de,de-en', or the arrow forms runtime.languages reads
-    ('en->de,fr', 'en<->de')."""
-    from runtime.errors import LanguageError
-    from runtime.languages import parse_pair, parse_pairs
-
-    try:
-        if "->" in spec:
-            pairs = parse_pairs(spec)
-        else:
-            items = [item.strip() for item in spec.split(",")]
-            if any(not item for item in items):
-                raise LanguageError(f"empty direction in {spec!r}: write e.g. 'en-de,de-en'")
-            pairs = [parse_pair(item) for item in items]
-    except LanguageError as exc:
-        raise CalibrationError(f"--pairs: {exc}") from None
-    slugs: list[str] = []
-    for pair in pairs:
-        if pair.slug not in slugs:
-            slugs.append(pair.slug)
-    return slugs
-
-
-def _parse_language_at(code, where: str):
-    from runtime.errors import LanguageError
-    from runtime.languages import parse_language
-
-    try:
-        return parse_language(code)
-    except LanguageError as exc:
-        raise CalibrationError(f"{where}: {exc}") from None
-
-
-def _slug_languages(slug: str) -> tuple[str, str]:
-    from runtime.languages import parse_pair
-
-    pair = parse_pair(slug)
-    return pair.src.code, pair.tgt.code
-
-
-def _slug(src, tgt) -> str:
-    from runtime.languages import Pair
-
-    return Pair(src, tgt).slug
-
-
-# ---- data ---------------------------------------------------------------------------------------
-def _lines(path: Path) -> list[str]:
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise CalibrationError(f"{path}: data file not found") from None
-    except UnicodeDecodeError as exc:
-        raise CalibrationError(f"{path}: not UTF-8 text ({exc}): convert it to UTF-8") from None
-    except OSError as exc:
-        raise CalibrationError(f"{path}: cannot read ({exc})") from None
-
-
-def _read_jsonl(path: Path) -> Iterable[Example]:
-    cache: dict = {}
-    for number, line in enumerate(_lines(path), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CalibrationError(f"{where}: not valid JSON ({exc.msg}): one record per line") from None
-        if not isinstance(record, dict):
-            raise CalibrationError(f"{where}: expected a JSON object with src_lang, tgt_lang, src, tgt")
-        missing = [key for key in ("src_lang", "tgt_lang", "src", "tgt") if key not in record]
-        if missing:
-            raise CalibrationError(f"{where}: record lacks {', '.join(missing)} (misaligned data): every record needs src_lang, tgt_lang, src and tgt")
-        for key in ("src", "tgt"):
-            if not isinstance(record[key], str) or not record[key].strip():
-                raise CalibrationError(f"{where}: empty or non-text {key!r} (misaligned data): remove the record or fill it in")
-        langs = []
-        for key in ("src_lang", "tgt_lang"):
-            code = record[key]
-            if code not in cache:
-                cache[code] = _parse_language_at(code, f"{where}: {key}")
-            langs.append(cache[code])
-        src, tgt = langs
-        yield Example(_slug(src, tgt), record["src"], record["tgt"])
-        yield Example(_slug(tgt, src), record["tgt"], record["src"])
-
-
-def _read_tsv(path: Path) -> Iterable[Example]:
-    lines = _lines(path)
-    if not lines:
-        return
-    header = lines[0].split("\t")
-    if len(header) != 2:
-        raise CalibrationError(f"{path}:1: the header must name the two column languages separated by a tab (e.g. 'en<TAB>de'), found {len(header)} fields")
-    src, tgt = (_parse_language_at(code.strip(), f"{path}:1") for code in header)
-    for number, line in enumerate(lines[1:], 2):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) != 2:
-            raise CalibrationError(f"{path}:{number}: expected 2 tab-separated columns ({src.code}, {tgt.code}), found {len(fields)} (misaligned data)")
-        if not fields[0].strip() or not fields[1].strip():
-            raise CalibrationError(f"{path}:{number}: an empty column (misaligned data): both sides need text")
-        yield Example(_slug(src, tgt), fields[0], fields[1])
-        yield Example(_slug(tgt, src), fields[1], fields[0])
-
-
-def _read_text(path: Path, text_lang: str | None, pairs: Sequence[str]) -> Iterable[Example]:
-    from runtime.languages import parse_pair
-
-    if text_lang is None:
-        raise CalibrationError(f"{path}: plain text has no language: say which with --text-lang (or use TSV/JSONL)")
-    lang = _parse_language_at(text_lang, "--text-lang")
-    lines = [line for line in _lines(path) if line.strip()]
-    for slug in pairs:
-        if parse_pair(slug).src == lang:
-            for line in lines:
-                yield Example(slug, line, None)
-
-
-def read_examples(paths: Sequence[Path], settings: CalibrationSettings) -> dict[str, list[Example]]:
-    """Examples per requested direction (seeded sample of at most `max_sentences`)."""
-    found: dict[str, list[Example]] = {}
-    for path in map(Path, paths):
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            examples = list(_read_jsonl(path))
-        elif suffix in (".tsv", ".tab"):
-            examples = list(_read_tsv(path))
-        else:
-            examples = list(_read_text(path, settings.text_lang, settings.pairs))
-            if settings.teacher_forced:
-                raise CalibrationError(f"{path}: plain text has no reference translations: --teacher-forced needs TSV or JSONL data")
-        if not examples:
-            raise CalibrationError(f"{path}: no sentences in the file (empty data): give a file with at least one pair")
-        for example in examples:
-            found.setdefault(example.pair, []).append(example)
-    names = ", ".join(str(p) for p in paths)
-    selected: dict[str, list[Example]] = {}
-    for slug in settings.pairs:
-        pool = found.get(slug, [])
-        if not pool:
-            available = ", ".join(sorted(found)) or "none"
-            raise CalibrationError(f"{names}: no {slug} sentences (directions in the data: {available}): add data for it or drop it from --pairs")
-        if settings.max_sentences is not None and len(pool) > settings.max_sentences:
-            # seeded by the unordered language pair: en-de and de-en sample the same records
-            # (their pools hold the same records in the same order), so both directions see
-            # the same content, which the JSD of planning compares
-            rng = random.Random(f"{settings.seed}:{'|'.join(sorted(_slug_languages(slug)))}")
-            pool = rng.sample(pool, settings.max_sentences)
-        selected[slug] = pool
-    return selected
-
-
-# ---- prompts --------------------------------------------------------------------------------------
-def check_prompt_template(template: str) -> None:
-    try:
-        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-    except ValueError as exc:
-        raise CalibrationError(f"--prompt-template {template!r}: {exc}") from None
-    unknown = sorted(set(fields) - PROMPT_FIELDS)
-    if unknown or fields.count("source") != 1:
-        raise CalibrationError(
-            f"--prompt-template {template!r}: needs {{source}} exactly once and may use only "
-            f"{', '.join('{' + f + '}' for f in sorted(PROMPT_FIELDS))} (unknown: {', '.join(unknown) or 'none'})"
-        )
-
 
 class PromptBuilder:
     """Token ids and span labels of prompts, from the chat template and the prompt template."""
@@ -339,6 +141,11 @@ class RoutingRecorder:
 
     def set_batch(self, slots, pair_pos) -> None:
         """slots: LongTensor [B, S] (0 prompt, 1 source, 2 output, -1 padding); pair_pos: [B]."""
+        self.batch = self.make_batch(slots, pair_pos)
+
+    def make_batch(self, slots, pair_pos) -> Batch:
+        """The bookkeeping of one batch; counts its tokens and sequences once (a streamed run
+        reuses the Batch for every layer)."""
         import torch
 
         n_seq = slots.shape[0]
@@ -350,10 +157,11 @@ class RoutingRecorder:
         dummy = torch.full_like(slots, self.n_keys)
         slot_key = torch.where(valid, pair_pos.unsqueeze(1) * len(SLOTS) + slots, dummy)
         seq_key = torch.where(valid, (pair_pos * len(SLOTS) + len(SLOTS) - 1).unsqueeze(1).expand_as(slots), dummy)
-        self.batch = Batch(group.reshape(-1), counts, keys, torch.stack([slot_key.reshape(-1), seq_key.reshape(-1)]))
+        batch = Batch(group.reshape(-1), counts, keys, torch.stack([slot_key.reshape(-1), seq_key.reshape(-1)]))
         present = counts > 0
         self.tokens.index_add_(0, keys[present], counts[present])
         self.sequences.index_add_(0, keys[present], torch.ones_like(counts[present]))
+        return batch
 
     def _routing(self, output):
         if isinstance(output, tuple) and len(output) == 3:
@@ -371,7 +179,7 @@ class RoutingRecorder:
             started = time.perf_counter()
             idx, weights = self._routing(output)
             batch = self.batch
-            weights = weights.float()
+            idx, weights = idx.cpu(), weights.float().cpu()  # statistics live on the CPU whatever the device
             normalised = weights / weights.sum(dim=-1, keepdim=True)
             n_tokens, n_experts = idx.shape[0], self.n_experts
             per_token = torch.zeros(n_tokens, 2 * n_experts)
@@ -419,8 +227,8 @@ class RoutingRecorder:
             idx, weights, hidden_shape = self._pending.pop(pos)
             n_tokens, top_k = idx.shape
             rows = output.view(n_tokens, top_k, -1)
-            terms = (weights.float() * rows.float().norm(dim=-1)).double()  # [T, k]
-            flat_experts = idx.reshape(-1)
+            terms = (weights.float() * rows.float().norm(dim=-1)).double().cpu()  # [T, k]
+            flat_experts = idx.reshape(-1).cpu()
             for keys in self.batch.token_keys:
                 flat = (keys.unsqueeze(1).expand(n_tokens, top_k).reshape(-1)) * self.n_experts + flat_experts
                 self.reap_sum[pos].view(-1).index_add_(0, flat, terms.reshape(-1))
@@ -452,7 +260,7 @@ class RoutingRecorder:
 # ---- model -----------------------------------------------------------------------------------------
 @dataclass
 class LoadedModel:
-    model: object
+    model: object          # a transformers causal LM, or None when the run streams layers from disk
     tokenizer: object
     config: dict
     arch: object
@@ -460,12 +268,13 @@ class LoadedModel:
     fingerprint: str
     eos_id: int
     pad_id: int
+    device: str = "cpu"
 
 
-def load_model(model_dir: Path, dtype: str = "float32") -> LoadedModel:
+def load_tokenizer(model_dir: Path, dtype: str = "float32") -> LoadedModel:
+    """Everything calibration needs from `model_dir` except the weights (model=None)."""
     import torch
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer, GenerationConfig
 
     from packager.arch import load_arch
     from packager.checkpoint import CheckpointReader
@@ -483,8 +292,7 @@ def load_model(model_dir: Path, dtype: str = "float32") -> LoadedModel:
         reader.close()
     if not arch.is_uniform(config):
         raise CalibrationError(f"{model_dir}: expert counts differ between layers (a pruned model): calibrate the parent")
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
-    if torch_dtype is None:
+    if dtype not in ("float32", "bfloat16", "float16"):
         raise CalibrationError(f"--dtype {dtype!r}: use float32, bfloat16 or float16")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
@@ -492,16 +300,40 @@ def load_model(model_dir: Path, dtype: str = "float32") -> LoadedModel:
         raise CalibrationError(f"{model_dir}: cannot load the tokenizer ({exc}): save it next to the model") from None
     if not getattr(tokenizer, "is_fast", False):
         raise CalibrationError(f"{model_dir}: needs a fast tokenizer (tokenizer.json) for token offsets")
-    transformers.utils.logging.disable_progress_bar()  # our own progress bar covers the run
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, trust_remote_code=False, use_safetensors=True)
-    model.eval()
-    eos_id = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
+    eos_id = None
+    if (model_dir / "generation_config.json").is_file():
+        eos_id = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    if eos_id is None:
+        eos_id = config.get("eos_token_id", tokenizer.eos_token_id)
+    if eos_id is None:
+        eos_id = tokenizer.eos_token_id
     if isinstance(eos_id, list):
         eos_id = eos_id[0]
     if eos_id is None:
         raise CalibrationError(f"{model_dir}: no end-of-sequence token in the tokenizer or generation config")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-    return LoadedModel(model, tokenizer, config, arch, model_dir, fingerprint, int(eos_id), int(pad_id))
+    del torch
+    return LoadedModel(None, tokenizer, config, arch, model_dir, fingerprint, int(eos_id), int(pad_id))
+
+
+def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    """The whole parent in memory on `device` (plus tokenizer and facts)."""
+    import torch
+    import transformers
+
+    from packager.layer_stream import torch_dtype
+    from packager.pruned_model import load_pruned
+
+    loaded = load_tokenizer(model_dir, dtype)
+    transformers.utils.logging.disable_progress_bar()  # our own progress bar covers the run
+    # load_pruned: plain from_pretrained plus MXFP4 experts dequantised where transformers needs that
+    model = load_pruned(loaded.model_dir, dtype=torch_dtype(dtype), trust_remote_code=False, use_safetensors=True)
+    model.eval()
+    if device != "cpu":
+        model.to(device)
+    loaded.model, loaded.device = model, device
+    del torch
+    return loaded
 
 
 def _batches(order: list[int], batch_size: int) -> list[list[int]]:
@@ -522,7 +354,8 @@ def generate_outputs(loaded: LoadedModel, prompts: list[list[int]], settings: Ca
             ids[row, longest - len(prompts[i]):] = torch.tensor(prompts[i])
             mask[row, longest - len(prompts[i]):] = 1
         with torch.no_grad():
-            out = loaded.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=settings.max_new_tokens,
+            out = loaded.model.generate(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device),
+                                        max_new_tokens=settings.max_new_tokens,
                                         do_sample=False, num_beams=1, eos_token_id=loaded.eos_id,
                                         pad_token_id=loaded.pad_id, temperature=None, top_p=None, top_k=None)
         for row, i in enumerate(batch):
@@ -535,13 +368,46 @@ def generate_outputs(loaded: LoadedModel, prompts: list[list[int]], settings: Ca
     return outputs
 
 
-def capture(loaded: LoadedModel, recorder: RoutingRecorder, sequences: list[tuple[list[int], list[int], int]],
-            batch_size: int, progress=None) -> None:
-    """One decoder forward per batch (right padding) with the recorder's hooks active.
-    sequences: (token ids, span slots 0/1/2, pair position)."""
+def gguf_generate_outputs(gguf_path: Path, loaded: LoadedModel, prompts: list[list[int]], settings: CalibrationSettings,
+                          progress=None) -> list[list[int]]:
+    """The same greedy translations from a GGUF of the parent in llama.cpp: one sequence at a
+    time, the prompt token ids of the HF tokenizer fed as they are (the GGUF carries the same
+    vocabulary), cut after the end token like generate_outputs."""
+    from converters.gguf.gguf_file import gguf_fingerprint
+    from runtime.backends.llama_cpp_backend import LlamaCppBackend, check_gguf_header, config_from_gguf
+    from runtime.errors import BackendError
+
+    gguf_path = Path(gguf_path)
+    try:
+        check_gguf_header(gguf_path)
+        from gguf import GGUFReader
+
+        fingerprint = gguf_fingerprint(GGUFReader(str(gguf_path)), gguf_path)
+    except (BackendError, PackagerError, ValueError, OSError) as exc:
+        raise CalibrationError(f"--generator {gguf_path}: {exc}") from None
+    if fingerprint != loaded.fingerprint:
+        raise CalibrationError(f"--generator {gguf_path}: a GGUF of another model (fingerprint {fingerprint[:12]}, "
+                               f"the parent's is {loaded.fingerprint[:12]}): export the parent itself to GGUF")
+    longest = max(len(p) for p in prompts) + settings.max_new_tokens + 1
+    backend = LlamaCppBackend(gguf_path, config_from_gguf(gguf_path), n_ctx=max(64, longest))
+    outputs = []
+    try:
+        for prompt in prompts:
+            new = list(backend.generate_ids(prompt, max_new_tokens=settings.max_new_tokens, stop_ids={loaded.eos_id}))
+            if len(new) < settings.max_new_tokens:  # stopped by the end token (not yielded)
+                new.append(loaded.eos_id)
+            outputs.append(new)
+            if progress is not None:
+                progress(1)
+    finally:
+        backend.close()
+    return outputs
+
+
+def _sequence_batches(loaded: LoadedModel, sequences: list[tuple[list[int], list[int], int]], batch_size: int):
+    """Right-padded batches, similar lengths together: (ids, mask, slots, pair positions)."""
     import torch
 
-    decoder = loaded.model.base_model
     order = sorted(range(len(sequences)), key=lambda i: (len(sequences[i][0]), i))
     for batch in _batches(order, batch_size):
         longest = max(len(sequences[i][0]) for i in batch)
@@ -553,14 +419,120 @@ def capture(loaded: LoadedModel, recorder: RoutingRecorder, sequences: list[tupl
             ids[row, :len(tokens)] = torch.tensor(tokens)
             slots[row, :len(tokens)] = torch.tensor(token_slots)
             mask[row, :len(tokens)] = 1
-        recorder.set_batch(slots, torch.tensor([sequences[i][2] for i in batch]))
+        yield ids, mask, slots, torch.tensor([sequences[i][2] for i in batch])
+
+
+def capture(loaded: LoadedModel, recorder: RoutingRecorder, sequences: list[tuple[list[int], list[int], int]],
+            batch_size: int, progress=None) -> None:
+    """One decoder forward per batch (right padding) with the recorder's hooks active.
+    sequences: (token ids, span slots 0/1/2, pair position)."""
+    import torch
+
+    decoder = loaded.model.base_model
+    for ids, mask, slots, pair_pos in _sequence_batches(loaded, sequences, batch_size):
+        recorder.set_batch(slots, pair_pos)
         try:
             with torch.no_grad():
-                decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+                decoder(input_ids=ids.to(loaded.device), attention_mask=mask.to(loaded.device), use_cache=False)
         finally:
             recorder.batch = None
         if progress is not None:
-            progress(len(batch))
+            progress(len(ids))
+
+
+def capture_streamed(streamed, loaded: LoadedModel, recorder: RoutingRecorder,
+                     sequences: list[tuple[list[int], list[int], int]], settings: CalibrationSettings, progress=None) -> dict:
+    """The same capture, one decoder layer at a time from the checkpoint (packager.layer_stream)."""
+    batches, bookkeeping = [], []
+    for ids, mask, slots, pair_pos in _sequence_batches(loaded, sequences, settings.batch_size):
+        batches.append((ids, mask))
+        bookkeeping.append(recorder.make_batch(slots, pair_pos))
+
+    def before_layer(layer_idx: int, batch_idx: int) -> None:
+        recorder.batch = bookkeeping[batch_idx]
+
+    budget = None if settings.max_activation_mb is None else settings.max_activation_mb * 1024**2
+    if budget is None:
+        import psutil
+
+        from packager.layer_stream import RAM_RESERVE_BYTES
+
+        # what is left once two layers (the one running and the kernel's read-ahead) and a reserve are set aside
+        budget = max(0, psutil.virtual_memory().available - 2 * streamed_layer_bytes(streamed) - RAM_RESERVE_BYTES)
+    try:
+        report = streamed.run(batches, before_layer, hidden_budget_bytes=budget,
+                              spill_dir=Path(settings.spill_dir) if settings.spill_dir else None,
+                              progress=(lambda layer_idx, n: progress(1)) if progress else None)
+    finally:
+        recorder.batch = None
+    return report.as_dict()
+
+
+def streamed_layer_bytes(streamed) -> int:
+    from packager.layer_stream import weight_bytes
+
+    return weight_bytes(streamed.reader, streamed.arch, streamed.config, streamed.dtype_name)["largest_layer"]
+
+
+# ---- generated translations, cached ------------------------------------------------------------------
+OUTPUT_CACHE_FORMAT = "calibration-outputs/1"
+
+
+def output_cache_key(loaded: LoadedModel, data: Sequence[Path], settings: CalibrationSettings, chat_template_sha: str,
+                     generator: str) -> dict:
+    """What the parent's greedy translations depend on (like distill's parent-output cache)."""
+    from packager.fingerprint import file_sha256
+
+    return {
+        "format": OUTPUT_CACHE_FORMAT,
+        "parent_fingerprint": loaded.fingerprint,
+        "data_sha256": [file_sha256(p) for p in data],
+        "pairs": list(settings.pairs),
+        "max_sentences": settings.max_sentences,
+        "seed": settings.seed,
+        "max_new_tokens": settings.max_new_tokens,
+        "prompt_template": settings.prompt_template,
+        "text_lang": settings.text_lang,
+        "chat_template_sha256": chat_template_sha,
+        "generator": generator,
+    }
+
+
+def parent_translations(loaded: LoadedModel, data: Sequence[Path], flat: list, prompts: list[list[int]],
+                        settings: CalibrationSettings, chat_template_sha: str, bar=None) -> tuple[list[list[int]], dict]:
+    """The parent's greedy translations of every prompt: from the cache, from the whole model in
+    transformers, or from a GGUF of the parent in llama.cpp (streamed runs). Returns the token
+    ids and where they came from."""
+    from packager.distill import _key_digest, load_cached_outputs, write_cached_outputs
+
+    if settings.generator:
+        generator = f"llama.cpp:{Path(settings.generator).name}"
+    elif loaded.model is not None:
+        generator = f"transformers:{settings.dtype}"
+    else:
+        raise CalibrationError(
+            "streamed calibration cannot generate token by token: pass --generator PARENT.gguf (a GGUF of the "
+            "parent translates once, then its output is teacher-forced), use --teacher-forced, or --execution whole"
+        )
+    key = output_cache_key(loaded, data, settings, chat_template_sha, generator)
+    cache_file = Path(settings.cache_dir) / f"calibration-outputs-{_key_digest(key)[:16]}.jsonl" if settings.cache_dir else None
+    examples = [ex for _, ex in flat]
+    if cache_file is not None:
+        rows = load_cached_outputs(cache_file, key, examples)
+        if rows is not None:
+            logger.info("parent translations from the cache %s", cache_file)
+            return [row["output_ids"] for row in rows], {"generator": generator, "cache": str(cache_file), "cached": True}
+    task = bar.add_task("translating (parent)", total=len(prompts)) if bar else None
+    advance = (lambda n: bar.advance(task, n)) if bar else None
+    started = time.perf_counter()
+    if settings.generator:
+        outputs = gguf_generate_outputs(Path(settings.generator), loaded, prompts, settings, advance)
+    else:
+        outputs = generate_outputs(loaded, prompts, settings, advance)
+    if cache_file is not None:
+        rows = [{"pair": ex.pair, "source": ex.source, "output_ids": out} for ex, out in zip(examples, outputs)]
+        write_cached_outputs(cache_file, key, rows, time.perf_counter() - started)
+    return outputs, {"generator": generator, "cache": str(cache_file) if cache_file else None, "cached": False}
 
 
 # ---- the whole run -----------------------------------------------------------------------------------
@@ -584,8 +556,13 @@ def _progress_bar(enabled: bool):
 
 def calibrate(model_dir: str | Path, data: Sequence[str | Path], settings: CalibrationSettings,
               command: str | None = None, show_progress: bool = False, loaded: LoadedModel | None = None) -> RoutingStats:
-    """Routing statistics of `model_dir` on `data` for `settings.pairs` (see module docstring)."""
+    """Routing statistics of `model_dir` on `data` for `settings.pairs` (see module docstring).
+
+    The model runs whole in memory or streamed layer by layer from the checkpoint
+    (packager.layer_stream.choose_execution; `settings.execution` forces either). Both give
+    the same statistics; the choice is recorded in the provenance."""
     from packager.fingerprint import file_sha256
+    from packager.layer_stream import Execution, StreamedModel, choose_execution
 
     if not settings.pairs:
         raise CalibrationError("--pairs: give at least one direction, e.g. en-de,de-en")
@@ -593,32 +570,53 @@ def calibrate(model_dir: str | Path, data: Sequence[str | Path], settings: Calib
         raise CalibrationError("--batch-size, --max-new-tokens and --max-sentences must be at least 1")
     check_prompt_template(settings.prompt_template)
     examples = read_examples([Path(p) for p in data], settings)
-    loaded = loaded or load_model(Path(model_dir), settings.dtype)
+    if loaded is not None and loaded.model is not None:
+        execution = Execution("whole", loaded.device, "model given in memory", 0, 0, 0)
+    else:
+        execution = choose_execution(Path(model_dir), settings.dtype, settings.device, settings.execution)
+    if loaded is None:
+        if execution.mode == "whole":
+            loaded = load_model(Path(model_dir), settings.dtype, execution.device)
+        else:
+            loaded = load_tokenizer(Path(model_dir), settings.dtype)
+            loaded.device = execution.device
     builder = PromptBuilder(loaded.model_dir, loaded.tokenizer, settings.prompt_template)
+    chat_template_sha = hashlib.sha256(builder.renderer.template_text.encode("utf-8")).hexdigest()
 
     flat = [(pair_pos, ex) for pair_pos, slug in enumerate(settings.pairs) for ex in examples[slug]]
     encoded = [builder.encode(ex.pair, ex.source) for _, ex in flat]
     bar = _progress_bar(show_progress)
     started = time.perf_counter()
+    translations = None
+    streaming = None
     with bar if bar is not None else _NullContext():
         if settings.teacher_forced:
             outputs = [loaded.tokenizer(ex.target, add_special_tokens=False)["input_ids"] + [loaded.eos_id] for _, ex in flat]
         else:
-            task = bar.add_task("generating", total=len(flat)) if bar else None
-            outputs = generate_outputs(loaded, [ids for ids, _ in encoded], settings,
-                                       (lambda n: bar.advance(task, n)) if bar else None)
+            outputs, translations = parent_translations(loaded, [Path(p) for p in data], flat, [ids for ids, _ in encoded],
+                                                        settings, chat_template_sha, bar)
         sequences = [(ids + out, slots + [2] * len(out), pair_pos)
                      for (ids, slots), out, (pair_pos, _) in zip(encoded, outputs, flat)]
-        recorder = RoutingRecorder(loaded.model, loaded.arch, loaded.config, len(settings.pairs), settings.reap)
-        try:
-            task = bar.add_task("recording routing", total=len(sequences)) if bar else None
-            capture(loaded, recorder, sequences, settings.batch_size, (lambda n: bar.advance(task, n)) if bar else None)
-        finally:
-            recorder.remove()
+        if execution.mode == "whole":
+            recorder = RoutingRecorder(loaded.model, loaded.arch, loaded.config, len(settings.pairs), settings.reap)
+            try:
+                task = bar.add_task("recording routing", total=len(sequences)) if bar else None
+                capture(loaded, recorder, sequences, settings.batch_size, (lambda n: bar.advance(task, n)) if bar else None)
+            finally:
+                recorder.remove()
+        else:
+            streamed = StreamedModel(loaded.model_dir, settings.dtype, execution.device)
+            recorder = RoutingRecorder(streamed.model, loaded.arch, loaded.config, len(settings.pairs), settings.reap)
+            try:
+                task = bar.add_task("recording routing, layer by layer", total=len(streamed.layers)) if bar else None
+                streaming = capture_streamed(streamed, loaded, recorder, sequences, settings,
+                                             (lambda n: bar.advance(task, n)) if bar else None)
+            finally:
+                recorder.remove()
+                streamed.close()
     elapsed = time.perf_counter() - started
 
     arch, config = loaded.arch, loaded.config
-    renderer = builder.renderer
     stats = empty_stats({
         "model_fingerprint": loaded.fingerprint,
         "family": arch.family,
@@ -627,7 +625,7 @@ def calibrate(model_dir: str | Path, data: Sequence[str | Path], settings: Calib
         "top_k": arch.top_k(config),
         "mode": settings.mode,
         "prompt_template": settings.prompt_template,
-        "chat_template_sha256": hashlib.sha256(renderer.template_text.encode("utf-8")).hexdigest(),
+        "chat_template_sha256": chat_template_sha,
         "max_new_tokens": None if settings.teacher_forced else settings.max_new_tokens,
         "reap": settings.reap,
     })
@@ -638,13 +636,17 @@ def calibrate(model_dir: str | Path, data: Sequence[str | Path], settings: Calib
             "group_score_top": int(arch.routing.get("group_score_top", 1)),
         }
     recorder.to_stats(stats, settings.pairs, MODE_SPAN[settings.mode])
+    run_settings = {k: v for k, v in asdict(settings).items() if k not in ("pairs", "cache_dir", "spill_dir")}
     stats.meta["provenance"] = [{
         "command": command,
         "model": {"path": str(loaded.model_dir), "fingerprint": loaded.fingerprint},
         "inputs": [{"path": str(p), "sha256": file_sha256(p)} for p in data],
         "sentences": {slug: len(examples[slug]) for slug in settings.pairs},
         "tokens": {slug: int(stats.get("tokens", slug, SEQUENCE)[0, 0]) for slug in settings.pairs},
-        "settings": {k: v for k, v in asdict(settings).items() if k != "pairs"},
+        "settings": run_settings,
+        "execution": execution.as_dict(),
+        "streaming": streaming,
+        "translations": translations,
         "versions": _versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(elapsed, 3),

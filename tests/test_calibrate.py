@@ -327,7 +327,7 @@ run("plan", "compare", "{tmp_path}/dyn.json", "{tmp_path}/uni.json", "{tmp_path}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "statistics written to" in out and "teacher-forced; en-de 2 sentences" in out
+    assert "statistics written to" in out and "teacher-forced, whole; en-de 2 sentences" in out
     assert "merged 2 files" in out and "de-en: 3 sequences" in out
     assert "layer   0     4/8    ████····" in out and "one count for every layer (GGUF-loadable)" in out
     assert "all 3 together: IoU" in out

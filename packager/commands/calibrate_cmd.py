@@ -29,10 +29,24 @@ import click
 @click.option("--text-lang", default=None, help="language of plain-text data files")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
               help="transformers compute dtype (a GGUF runs in its own tensor types)")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto (a GPU when torch sees one)")
+@click.option("--execution", type=click.Choice(["auto", "whole", "streamed"]), default="auto", show_default=True,
+              help="whole model in memory, or streamed one decoder layer at a time from the checkpoint; "
+                   "auto picks by weight size against free memory")
+@click.option("--max-activation-mb", type=int, default=None,
+              help="streamed: hidden states above this many MB spill to disk (default: what free RAM allows)")
+@click.option("--spill-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="streamed: directory for the hidden-state spill file (default: the system temp dir)")
+@click.option("--generator", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="a GGUF of the parent that produces the greedy translations (needed to generate when streaming)")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="cache of the parent's translations [default: calibration-cache beside --out]")
 @click.option("--force", is_flag=True, help="overwrite --out if it exists")
 def calibrate_command(model: Path, data: tuple[Path, ...], pairs: str, out_path: Path, teacher_forced: bool,
                       max_sentences: int, max_new_tokens: int, batch_size: int, prompt_template: str, reap: bool,
-                      seed: int, text_lang: str | None, dtype: str, force: bool) -> None:
+                      seed: int, text_lang: str | None, dtype: str, device: str, execution: str,
+                      max_activation_mb: int | None, spill_dir: Path | None, generator: Path | None,
+                      cache_dir: Path | None, force: bool) -> None:
     """Record the routing statistics of MODEL (a Hugging Face directory or a .gguf file) on
     translation prompts."""
     from packager.calibration_data import CalibrationError, CalibrationSettings, parse_pair_list
@@ -46,6 +60,9 @@ def calibrate_command(model: Path, data: tuple[Path, ...], pairs: str, out_path:
         pairs=tuple(parse_pair_list(pairs)), teacher_forced=teacher_forced,
         max_sentences=None if max_sentences == 0 else max_sentences, max_new_tokens=max_new_tokens,
         batch_size=batch_size, prompt_template=prompt_template, reap=reap, seed=seed, text_lang=text_lang, dtype=dtype,
+        device=device, execution=execution, max_activation_mb=max_activation_mb,
+        spill_dir=str(spill_dir) if spill_dir else None, generator=str(generator) if generator else None,
+        cache_dir=str(cache_dir or out_path.parent / "calibration-cache"),
     )
     if model.suffix.lower() == ".gguf":
         from packager.calibrate_gguf import calibrate_gguf
@@ -58,4 +75,5 @@ def calibrate_command(model: Path, data: tuple[Path, ...], pairs: str, out_path:
     stats.save(out_path)
     run = stats.meta["provenance"][0]
     counts = ", ".join(f"{slug} {n} sentences / {run['tokens'][slug]} tokens" for slug, n in run["sentences"].items())
-    click.echo(f"statistics written to {out_path} ({settings.mode}; {counts}; {run['seconds']:.1f} s)")
+    how = run["execution"]["mode"] + (f" on {run['execution']['device']}" if run["execution"]["device"] != "cpu" else "")
+    click.echo(f"statistics written to {out_path} ({settings.mode}, {how}; {counts}; {run['seconds']:.1f} s)")

@@ -1,0 +1,690 @@
+"""Layer-streamed execution of a safetensors parent: run a model that does not fit in memory.
+
+The model is built as a skeleton whose parameters live on the meta device (no memory), with
+its real buffers (rotary frequencies). Execution then goes layer by layer over all sequences:
+
+1. the embedding (and final norm) are read from the checkpoint; a pass through the decoder
+   with every layer replaced by a recorder gives each batch's embedded hidden states and the
+   exact arguments the model hands its layers (masks, positions, rotary tables, per layer, so
+   sliding-window layers get theirs);
+2. for each decoder layer: its tensors are read from the shards into ordinary memory (pread,
+   no memory map, so resident memory is one layer), converted to the in-memory layout
+   transformers uses (per-expert keys stacked, MXFP4 dequantised, renamed routers), the
+   layer runs over every batch, and its tensors go back to the meta device. While a layer
+   computes, the kernel is already reading the next layer's byte ranges (posix_fadvise
+   WILLNEED), so the disk works while the CPU does;
+3. hidden states stay in memory while they fit a budget and otherwise live in a spill file.
+
+The LM head is never loaded: teacher-forced routing capture needs only the decoder.
+Forward hooks on the skeleton's modules (packager.calibrate.RoutingRecorder) see the
+materialised layers exactly as in a whole model: the modules are the same objects.
+
+Which tensors a layer needs comes from the skeleton's own state dict (parameters and
+persistent buffers); where each one lives on disk comes from packager.arch (router names,
+expert layouts). A tensor found nowhere is an error naming it, before any layer runs."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from packager.errors import CheckpointError, PackagerError
+
+logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = ("float32", "bfloat16", "float16")
+# whole-model calibration measured at 1.8x the weights (transformers' loading copies); keep a margin
+WHOLE_MODEL_FACTOR = 2.0
+RAM_RESERVE_BYTES = 1024**3
+
+
+class StreamingError(PackagerError):
+    """Streamed execution cannot proceed (spill space, device, missing layer tensors)."""
+
+
+def torch_dtype(name: str):
+    import torch
+
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise StreamingError(f"--dtype {name!r}: use one of {', '.join(TORCH_DTYPES)}")
+    return table[name]
+
+
+def _safetensors_torch_dtype(code: str):
+    import torch
+
+    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+    if code not in table:
+        raise CheckpointError(f"safetensors dtype {code!r} cannot be read for streamed execution")
+    return table[code]
+
+
+# ---- device and the whole-vs-streamed choice (the one place that knows about devices) -----------
+def resolve_device(name: str) -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'. 'cuda' without a GPU is an error."""
+    import torch
+
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise StreamingError(f"--device {name}: torch sees no CUDA device here; use --device cpu (or auto)")
+        return name
+    raise StreamingError(f"--device {name!r}: use cpu, cuda, cuda:N or auto")
+
+
+def available_memory(device: str) -> int:
+    """Bytes the run may use on `device`: free device memory for CUDA, available RAM for the CPU."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def weight_bytes(reader, arch, config: dict, dtype: str) -> dict:
+    """Bytes of the weights once converted to `dtype`: total, largest decoder layer, the rest.
+    MXFP4 blocks count two values per byte, their scales none (they are folded into values)."""
+    import torch
+
+    element = torch.empty((), dtype=torch_dtype(dtype)).element_size()
+    packed: dict[str, float] = {}
+    for layer_idx in arch.moe_layers(config):
+        for role, name in arch.fused_expert_names(layer_idx).items():
+            if role in arch.packed_params_per_element:
+                packed[name] = arch.packed_params_per_element[role]
+    prefix = layer_prefix_template(reader.config)
+    per_layer: dict[int, int] = {}
+    other = 0
+    for info in reader.infos():
+        numel = 1
+        for dim in info.shape:
+            numel *= dim
+        nbytes = int(numel * packed.get(info.name, 1.0) * element)
+        layer_idx = _layer_of(info.name, prefix)
+        if layer_idx is None:
+            other += nbytes
+        else:
+            per_layer[layer_idx] = per_layer.get(layer_idx, 0) + nbytes
+    largest = max(per_layer.values(), default=0)
+    return {"total": other + sum(per_layer.values()), "largest_layer": largest, "other": other}
+
+
+def layer_prefix_template(config: dict) -> str:
+    """The checkpoint prefix of decoder layers (all supported families: model.layers.N.)."""
+    return "model.layers."
+
+
+def _layer_of(name: str, prefix: str) -> int | None:
+    if not name.startswith(prefix):
+        return None
+    head = name[len(prefix):].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a model is run: whole in memory or streamed layer by layer, and where."""
+
+    mode: str               # "whole" | "streamed"
+    device: str
+    reason: str
+    weight_bytes: int        # at the compute dtype
+    largest_layer_bytes: int
+    available_bytes: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def choose_execution(model_dir: Path, dtype: str, device: str = "auto", forced: str = "auto") -> Execution:
+    """Whole-model execution when the model fits the device with room to spare, else streamed.
+    `forced` ('whole' / 'streamed') overrides the choice; the reason says which happened."""
+    from packager.arch import load_arch
+    from packager.checkpoint import CheckpointReader
+
+    if forced not in ("auto", "whole", "streamed"):
+        raise StreamingError(f"--execution {forced!r}: use auto, whole or streamed")
+    device = resolve_device(device)
+    with CheckpointReader(model_dir) as reader:
+        config = dict(reader.config)
+        arch = load_arch(config)
+        sizes = weight_bytes(reader, arch, config, dtype)
+    available = available_memory(device)
+    need = int(sizes["total"] * WHOLE_MODEL_FACTOR) + RAM_RESERVE_BYTES
+    gib = 1024**3
+    if forced != "auto":
+        mode, reason = forced, f"--execution {forced}"
+    elif need <= available:
+        mode = "whole"
+        reason = f"weights {sizes['total'] / gib:.2f} GiB at {dtype} fit {device} ({available / gib:.1f} GiB available)"
+    else:
+        mode = "streamed"
+        reason = (f"weights {sizes['total'] / gib:.2f} GiB at {dtype} need about {need / gib:.1f} GiB whole, "
+                  f"{device} has {available / gib:.1f} GiB available: streaming one layer "
+                  f"({sizes['largest_layer'] / gib:.2f} GiB) at a time")
+    logger.info("execution: %s on %s (%s)", mode, device, reason)
+    return Execution(mode, device, reason, sizes["total"], sizes["largest_layer"], available)
+
+
+# ---- the skeleton -------------------------------------------------------------------------------------
+class _ParametersOnMeta:
+    """Context in which nn.Module parameters are created on the meta device while buffers
+    (rotary inverse frequencies and the like, computed in __init__) stay real."""
+
+    def __enter__(self):
+        import torch
+
+        self._original = torch.nn.Module.register_parameter
+
+        def register_parameter(module, name, param):
+            self._original(module, name, param)
+            if param is not None and param.device.type != "meta":
+                kind = type(module._parameters[name])
+                module._parameters[name] = kind(module._parameters[name].to("meta"), requires_grad=False)
+
+        torch.nn.Module.register_parameter = register_parameter
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.nn.Module.register_parameter = self._original
+        return False
+
+
+def build_skeleton(model_dir: Path, dtype: str):
+    """The transformers model of `model_dir` with every parameter on the meta device."""
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    transformers.utils.logging.disable_progress_bar()
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    if getattr(config, "quantization_config", None):
+        config.quantization_config = None  # MXFP4 experts are dequantised by the streamed loader
+        if hasattr(config, "_pre_quantization_dtype"):
+            del config._pre_quantization_dtype
+    with _ParametersOnMeta(), torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype), trust_remote_code=False)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def decoder_layers(model):
+    """The decoder layer list of a causal LM (every supported family: base_model.layers)."""
+    layers = getattr(model.base_model, "layers", None)
+    if layers is None:
+        raise StreamingError(f"{type(model).__name__}: no decoder layer list (base_model.layers) to stream")
+    return layers
+
+
+# ---- where each in-memory tensor lives on disk -----------------------------------------------------
+@dataclass(frozen=True)
+class TensorSource:
+    """How to build one in-memory tensor: a direct read, stacked per-expert reads, or MXFP4."""
+
+    kind: str                      # "direct" | "stack" | "mxfp4"
+    names: tuple[tuple[str, ...], ...]  # direct: ((name,),); stack: per expert (part, ...); mxfp4: ((blocks, scales),)
+
+    def disk_names(self) -> list[str]:
+        return [name for group in self.names for name in group]
+
+
+def layer_sources(arch, config: dict, layer_idx: int, targets: Sequence[str], present) -> dict[str, TensorSource]:
+    """Disk sources of the in-memory tensors `targets` (full names) of decoder layer `layer_idx`.
+
+    Raises CheckpointError naming every tensor that has no source."""
+    sources: dict[str, TensorSource] = {}
+    renamed: dict[str, str] = {}
+    if layer_idx in arch.moe_layers(config):
+        router = arch.router_module(layer_idx)
+        for disk_name in arch.router_tensor_names(layer_idx):
+            renamed[f"{router}.{disk_name.rsplit('.', 1)[1]}"] = disk_name
+        experts = arch.experts_module(layer_idx)
+        n_experts = arch.n_experts(config, layer_idx)
+        layout = arch.detect_layout(layer_idx, n_experts, present)
+        fused = arch.fused_expert_names(layer_idx)
+        if layout == "per_expert":
+            per_expert = [arch.expert_tensor_names(layer_idx, e) for e in range(n_experts)]
+            sources[f"{experts}.gate_up_proj"] = TensorSource("stack", tuple((n["gate"], n["up"]) for n in per_expert))
+            sources[f"{experts}.down_proj"] = TensorSource("stack", tuple((n["down"],) for n in per_expert))
+        elif layout == "mxfp4":
+            for proj in ("gate_up", "down"):
+                sources[fused[proj]] = TensorSource("mxfp4", ((fused[f"{proj}_blocks"], fused[f"{proj}_scales"]),))
+    missing = []
+    for target in targets:
+        if target in sources:
+            continue
+        disk_name = target if target in present else renamed.get(target)
+        if disk_name is None or disk_name not in present:
+            missing.append(target)
+            continue
+        sources[target] = TensorSource("direct", ((disk_name,),))
+    if missing:
+        shown = ", ".join(repr(n) for n in missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise CheckpointError(f"layer {layer_idx}: tensor(s) {shown} missing from the checkpoint's shards")
+    return {t: sources[t] for t in targets}
+
+
+# ---- reading tensors without a memory map -----------------------------------------------------------
+class ShardFiles:
+    """Open shard files; reads tensors with pread into ordinary memory and asks the kernel to
+    read ahead byte ranges that will be needed next."""
+
+    def __init__(self, reader):
+        self.reader = reader
+        self._fds: dict[Path, int] = {}
+        self.bytes_read = 0
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def read(self, name: str):
+        """One tensor, in its stored dtype, in anonymous memory."""
+        import numpy as np
+        import torch
+
+        info = self.reader.info(name)
+        buffer = np.empty(info.nbytes, dtype=np.uint8)
+        view = memoryview(buffer)
+        fd, done = self._fd(info.path), 0
+        while done < info.nbytes:
+            n = os.preadv(fd, [view[done:]], info.offset + done)
+            if n <= 0:
+                raise CheckpointError(f"{info.path}: unexpected end of file reading {name!r}; re-copy the checkpoint")
+            done += n
+        self.bytes_read += info.nbytes
+        tensor = torch.from_numpy(buffer)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=_safetensors_torch_dtype(info.dtype))
+        return tensor.view(_safetensors_torch_dtype(info.dtype)).reshape(info.shape)
+
+    def prefetch(self, names: Sequence[str]) -> None:
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for name in names:
+            info = self.reader.info(name)
+            try:
+                os.posix_fadvise(self._fd(info.path), info.offset, info.nbytes, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def build_tensor(files: ShardFiles, source: TensorSource, like, dtype):
+    """The in-memory tensor `like` (a meta tensor: shape and kind) built from its disk source."""
+    import torch
+
+    if source.kind == "direct":
+        tensor = files.read(source.names[0][0])
+        if tensor.is_floating_point() and like.is_floating_point():
+            tensor = tensor.to(dtype)
+        out = tensor
+    elif source.kind == "stack":
+        out = torch.empty(like.shape, dtype=dtype)
+        for expert_idx, parts in enumerate(source.names):
+            row = 0
+            for name in parts:
+                piece = files.read(name)
+                out[expert_idx, row:row + piece.shape[0]].copy_(piece)
+                row += piece.shape[0]
+            if row != like.shape[1]:
+                raise CheckpointError(f"{parts[0]!r}: expert rows {row} do not match the model's {like.shape[1]}")
+    elif source.kind == "mxfp4":
+        from converters.gguf.mxfp4 import dequantize_mxfp4
+
+        blocks_name, scales_name = source.names[0]
+        blocks, scales = files.read(blocks_name), files.read(scales_name)
+        out = torch.empty(like.shape, dtype=dtype)
+        for expert_idx in range(blocks.shape[0]):  # one expert at a time bounds the float32 copy
+            values = dequantize_mxfp4(blocks[expert_idx].numpy(), scales[expert_idx].numpy())
+            out[expert_idx].copy_(torch.from_numpy(values).transpose(0, 1))
+    else:
+        raise ValueError(f"unknown tensor source kind {source.kind!r}")
+    if tuple(out.shape) != tuple(like.shape):
+        raise CheckpointError(
+            f"{source.disk_names()[0]!r}: shape {list(out.shape)} does not match the model's {list(like.shape)} "
+            "(config.json and weights disagree)"
+        )
+    return out
+
+
+def _set_tensor(module, path: str, value) -> None:
+    """Replace parameter or buffer `path` (relative to module) by `value`."""
+    import torch
+
+    owner_name, _, attr = path.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if attr in owner._parameters:
+        owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+    elif attr in owner._buffers:
+        owner._buffers[attr] = value
+    else:
+        raise KeyError(path)
+
+
+def _to_meta(module) -> None:
+    """Free a materialised module: every parameter and buffer back to the meta device."""
+    import torch
+
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is not None and param.device.type != "meta":
+                sub._parameters[name] = torch.nn.Parameter(param.detach().to("meta"), requires_grad=False)
+        persistent = set(sub._buffers) - set(getattr(sub, "_non_persistent_buffers_set", set()))
+        for name in persistent:
+            buf = sub._buffers[name]
+            if buf is not None and buf.device.type != "meta":
+                sub._buffers[name] = buf.to("meta")
+
+
+# ---- hidden states: memory or spill file ------------------------------------------------------------
+class HiddenStore:
+    """Hidden states of every batch between layers: in memory, or in one spill file (pread /
+    pwrite per batch, so resident memory stays one batch)."""
+
+    def __init__(self, shapes: Sequence[tuple[int, ...]], dtype, budget_bytes: int | None, spill_dir: Path | None):
+        import torch
+
+        self.shapes = list(shapes)
+        self.dtype = dtype
+        element = torch.empty((), dtype=dtype).element_size()
+        self.sizes = [element * _numel(shape) for shape in self.shapes]
+        self.total_bytes = sum(self.sizes)
+        self.spilled = budget_bytes is not None and self.total_bytes > budget_bytes
+        self._memory: list = [None] * len(self.shapes)
+        self._dir: Path | None = None
+        self._fd: int | None = None
+        if self.spilled:
+            spill_dir = Path(spill_dir or tempfile.gettempdir())
+            if not spill_dir.is_dir():
+                raise StreamingError(f"{spill_dir}: spill directory does not exist: create it or pass another --spill-dir")
+            free = shutil.disk_usage(spill_dir).free
+            need = self.total_bytes + 64 * 1024**2
+            if free < need:
+                raise StreamingError(
+                    f"{spill_dir}: not enough disk for the hidden-state spill: needs {need} bytes, {free} free; "
+                    "free space, pass --spill-dir on a larger disk, or raise --max-activation-mb"
+                )
+            self._dir = Path(tempfile.mkdtemp(prefix=".calibration-spill-", dir=spill_dir))
+            path = self._dir / "hidden.bin"
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.ftruncate(self._fd, self.total_bytes)
+            self._offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+            logger.info("hidden states: %.1f MB spill file in %s", self.total_bytes / 1e6, self._dir)
+
+    def put(self, index: int, tensor) -> None:
+        tensor = tensor.detach().to("cpu", self.dtype).contiguous()
+        if not self.spilled:
+            self._memory[index] = tensor
+            return
+        raw = tensor.reshape(-1).view(_integer_view(self.dtype)).numpy().tobytes()
+        written, offset = 0, self._offsets[index]
+        view = memoryview(raw)
+        while written < len(raw):
+            written += os.pwrite(self._fd, view[written:], offset + written)
+
+    def get(self, index: int):
+        import numpy as np
+        import torch
+
+        if not self.spilled:
+            return self._memory[index]
+        buffer = np.empty(self.sizes[index], dtype=np.uint8)
+        view, done, offset = memoryview(buffer), 0, self._offsets[index]
+        while done < self.sizes[index]:
+            n = os.preadv(self._fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise StreamingError(f"{self._dir}: spill file ended early")
+            done += n
+        return torch.from_numpy(buffer).view(self.dtype).reshape(self.shapes[index])
+
+    def close(self) -> None:
+        self._memory = [None] * len(self.shapes)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+
+def _numel(shape) -> int:
+    n = 1
+    for dim in shape:
+        n *= dim
+    return n
+
+
+def _integer_view(dtype):
+    import torch
+
+    return {2: torch.int16, 4: torch.int32, 8: torch.int64}[torch.empty((), dtype=dtype).element_size()]
+
+
+# ---- the layer-input recorder ---------------------------------------------------------------------
+class _LayerInputs:
+    """Stands in for a decoder layer during the embedding pass: records the arguments the
+    model passes to it and returns the hidden states unchanged."""
+
+    def __init__(self, layer, calls: list):
+        import torch
+
+        class Recorder(torch.nn.Module):
+            def __init__(inner):
+                super().__init__()
+                object.__setattr__(inner, "_layer", layer)
+
+            def __getattr__(inner, name):  # attributes the model's forward reads (attention_type)
+                try:
+                    return torch.nn.Module.__getattr__(inner, name)
+                except AttributeError:
+                    return getattr(object.__getattribute__(inner, "_layer"), name)
+
+            def forward(inner, hidden_states, *args, **kwargs):
+                calls.append((hidden_states, args, kwargs))
+                return hidden_states
+
+        self.module = Recorder()
+
+
+@dataclass
+class StreamReport:
+    layers: int = 0
+    batches: int = 0
+    tokens: int = 0
+    bytes_read: int = 0
+    load_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    hidden_bytes: int = 0
+    spilled: bool = False
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+class StreamedModel:
+    """A causal LM whose decoder runs one layer at a time from the checkpoint on disk."""
+
+    def __init__(self, model_dir: str | os.PathLike, dtype: str = "float32", device: str = "cpu"):
+        from packager.arch import load_arch
+        from packager.checkpoint import CheckpointReader
+
+        self.model_dir = Path(model_dir)
+        self.dtype_name = dtype
+        self.dtype = torch_dtype(dtype)
+        self.device = device
+        self.reader = CheckpointReader(self.model_dir)
+        self.config = dict(self.reader.config)
+        self.arch = load_arch(self.config)
+        self.model = build_skeleton(self.model_dir, dtype)
+        self.layers = decoder_layers(self.model)
+        self.files = ShardFiles(self.reader)
+        present = set(self.reader.names())
+        layer_prefix = _module_path(self.model, self.layers)
+        self._layer_paths = [f"{layer_prefix}.{i}" for i in range(len(self.layers))]
+        # resolve every layer's sources up front: a missing tensor fails before any work
+        self._sources = []
+        for layer_idx, (path, layer) in enumerate(zip(self._layer_paths, self.layers)):
+            targets = [f"{path}.{name}" for name in layer.state_dict(keep_vars=True)]
+            self._sources.append(layer_sources(self.arch, self.config, layer_idx, targets, present))
+        decoder = self.model.base_model
+        decoder_path = _module_path(self.model, decoder)
+        self._outer: dict[str, TensorSource] = {}
+        missing = []
+        for name in decoder.state_dict(keep_vars=True):
+            full = f"{decoder_path}.{name}" if decoder_path else name
+            if full.startswith(f"{layer_prefix}."):
+                continue
+            if full in present:
+                self._outer[full] = TensorSource("direct", ((full,),))
+            else:
+                missing.append(full)
+        if missing:
+            raise CheckpointError(f"{self.model_dir}: tensor(s) {', '.join(map(repr, missing[:4]))} missing from the checkpoint's shards")
+
+    # -- materialising ------------------------------------------------------------------------
+    def _load(self, sources: dict[str, TensorSource]) -> None:
+        import torch
+
+        meta = dict(self.model.named_parameters())
+        meta.update(dict(self.model.named_buffers()))
+        for target, source in sources.items():
+            like = meta[target]
+            value = build_tensor(self.files, source, like, self.dtype if like.is_floating_point() else like.dtype)
+            if self.device != "cpu":
+                value = value.to(self.device, non_blocking=True)
+            _set_tensor(self.model, target, value)
+        if self.device != "cpu":
+            torch.cuda.synchronize(self.device)
+
+    def _prefetch(self, layer_idx: int) -> threading.Thread | None:
+        if layer_idx >= len(self.layers):
+            return None
+        names = [n for source in self._sources[layer_idx].values() for n in source.disk_names()]
+        thread = threading.Thread(target=self.files.prefetch, args=(names,), daemon=True)
+        thread.start()
+        return thread
+
+    # -- running --------------------------------------------------------------------------------
+    def run(self, batches: Sequence[tuple], before_layer: Callable[[int, int], None] | None = None,
+            hidden_budget_bytes: int | None = None, spill_dir: Path | None = None,
+            progress: Callable[[int, int], None] | None = None) -> StreamReport:
+        """Run the decoder over `batches` of (input_ids [B, S], attention_mask [B, S]).
+
+        `before_layer(layer_idx, batch_idx)` is called before each layer runs on a batch
+        (the hooks' bookkeeping), `progress(layer_idx, n_layers)` after each layer."""
+        import torch
+
+        report = StreamReport(layers=len(self.layers), batches=len(batches))
+        decoder = self.model.base_model
+        real_layers = list(self.layers)
+        calls_per_batch: list[list] = []
+        started = time.perf_counter()
+        self._load(self._outer)
+        report.load_seconds += time.perf_counter() - started
+        prefetch = self._prefetch(0)
+        store = None
+        try:
+            # 1. embeddings and the arguments every layer gets
+            shapes = []
+            for ids, mask in batches:
+                calls: list = []
+                recorders = [_LayerInputs(layer, calls).module for layer in real_layers]
+                decoder.layers = torch.nn.ModuleList(recorders)
+                try:
+                    with torch.no_grad():
+                        decoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False)
+                finally:
+                    decoder.layers = self.layers
+                if len(calls) != len(real_layers):
+                    raise StreamingError(f"{type(decoder).__name__}: ran {len(calls)} of {len(real_layers)} layers in the embedding pass")
+                calls_per_batch.append(calls)
+                shapes.append(tuple(calls[0][0].shape))
+                report.tokens += int(mask.sum())
+            _to_meta_outer(self.model, self._outer)
+            store = HiddenStore(shapes, self.dtype, hidden_budget_bytes, spill_dir)
+            report.hidden_bytes, report.spilled = store.total_bytes, store.spilled
+            for batch_idx, calls in enumerate(calls_per_batch):
+                store.put(batch_idx, calls[0][0])
+                for call_idx, (hidden, args, kwargs) in enumerate(calls):
+                    calls[call_idx] = (None, args, kwargs)  # drop the references to the embeddings
+            # 2. layer by layer
+            for layer_idx, layer in enumerate(real_layers):
+                started = time.perf_counter()
+                if prefetch is not None:
+                    prefetch.join()
+                self._load(self._sources[layer_idx])
+                prefetch = self._prefetch(layer_idx + 1)
+                report.load_seconds += time.perf_counter() - started
+                started = time.perf_counter()
+                with torch.no_grad():
+                    for batch_idx, calls in enumerate(calls_per_batch):
+                        if before_layer is not None:
+                            before_layer(layer_idx, batch_idx)
+                        _, args, kwargs = calls[layer_idx]
+                        hidden = store.get(batch_idx).to(self.device)
+                        out = layer(hidden, *args, **kwargs)
+                        store.put(batch_idx, out[0] if isinstance(out, tuple) else out)
+                report.compute_seconds += time.perf_counter() - started
+                _to_meta(layer)
+                if progress is not None:
+                    progress(layer_idx, len(real_layers))
+        finally:
+            if prefetch is not None:
+                prefetch.join()
+            if store is not None:
+                store.close()
+            for layer in real_layers:
+                _to_meta(layer)
+            _to_meta_outer(self.model, self._outer)
+        report.bytes_read = self.files.bytes_read
+        return report
+
+    def close(self) -> None:
+        self.files.close()
+        self.reader.close()
+
+
+def _to_meta_outer(model, sources: dict) -> None:
+    import torch
+
+    for target in sources:
+        owner_name, _, attr = target.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        value = owner._parameters.get(attr)
+        if value is not None:
+            owner._parameters[attr] = torch.nn.Parameter(value.detach().to("meta"), requires_grad=False)
+        elif owner._buffers.get(attr) is not None:
+            owner._buffers[attr] = owner._buffers[attr].to("meta")
+
+
+def _module_path(root, target) -> str:
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    raise StreamingError(f"module {type(target).__name__} is not part of {type(root).__name__}")
