@@ -39,61 +39,13 @@ import numpy as np
 
 # the torch-free pieces shared with the llama.cpp backend (packager.calibrate_gguf), re-exported here
 from packager.calibration_data import (  # noqa: F401
-    PROMPT_FIELDS, SLOTS, CalibrationError, CalibrationSettings, Example, check_prompt_template, parse_pair_list,
-    read_examples,
+    PROMPT_FIELDS, SLOTS, CalibrationError, CalibrationSettings, Example, PromptBuilder, check_prompt_template,
+    parse_pair_list, read_examples,
 )
 from packager.errors import PackagerError
 from packager.stats import MODE_SPAN, PROMPT, SEQUENCE, SOURCE, RoutingStats, empty_stats
 
 logger = logging.getLogger(__name__)
-
-class PromptBuilder:
-    """Token ids and span labels of prompts, from the chat template and the prompt template."""
-
-    def __init__(self, model_dir: Path, tokenizer, prompt_template: str):
-        from runtime.errors import PromptError
-        from runtime.prompt import PromptRenderer
-
-        check_prompt_template(prompt_template)
-        try:
-            self.renderer = PromptRenderer.from_model_dir(model_dir)
-        except PromptError as exc:
-            raise CalibrationError(str(exc)) from None
-        self.tokenizer = tokenizer
-        self.prompt_template = prompt_template
-        self._frames: dict[str, tuple[str, str]] = {}
-
-    def _frame(self, slug: str) -> tuple[str, str]:
-        """(text before, text after) the source in the rendered prompt of one direction."""
-        if slug not in self._frames:
-            from runtime.errors import PromptError
-            from runtime.languages import parse_pair
-
-            pair = parse_pair(slug)
-            marker = "\ue000calibration-source\ue001"
-            content = self.prompt_template.format(source=marker, source_lang=pair.src.code, target_lang=pair.tgt.code,
-                                                  source_name=pair.src.name, target_name=pair.tgt.name)
-            try:
-                rendered = self.renderer.render(content, pair.src, pair.tgt)
-            except PromptError as exc:
-                raise CalibrationError(str(exc)) from None
-            if rendered.count(marker) != 1:
-                raise CalibrationError(f"{self.renderer.source}: the chat template does not place the message exactly once in the prompt")
-            before, after = rendered.split(marker)
-            self._frames[slug] = (before, after)
-        return self._frames[slug]
-
-    def encode(self, slug: str, source: str) -> tuple[list[int], list[int]]:
-        """Prompt token ids and their span slots (0 prompt, 1 source)."""
-        before, after = self._frame(slug)
-        text = before + source + after
-        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        start, end = len(before), len(before) + len(source)
-        slots = [1 if (a < end and b > start) else 0 for a, b in encoded["offset_mapping"]]
-        if 1 not in slots:
-            raise CalibrationError(f"source text {source[:40]!r} produced no tokens: remove empty or whitespace-only sentences")
-        return list(encoded["input_ids"]), slots
-
 
 # ---- capture ---------------------------------------------------------------------------------------
 @dataclass
