@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHMARKS = ("bench.calibration_bench", "bench.calibration_stream_bench", "bench.gguf_bench", "bench.onnx_bench")
+BENCHMARKS = ("bench.calibration_bench", "bench.calibration_stream_bench", "bench.calibration_gguf_bench", "bench.gguf_bench",
+              "bench.onnx_bench")
 
 
 def main() -> int:

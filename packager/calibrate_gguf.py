@@ -59,6 +59,7 @@ WEIGHT_NAMES = ("ffn_moe_weights", "ffn_moe_weights_softmax", "ffn_moe_weights_n
 # expert outputs before weighting, same rule
 DOWN_NAMES = ("ffn_moe_down", "ffn_moe_down_scaled", "ffn_moe_down_biased")
 TOKEN_BUDGET = 1024  # tokens per capture decode (several sequences share it)
+N_UBATCH = 512  # tokens per graph evaluation (a decode of more runs in several ubatches, in order)
 
 
 class _GGMLTensor(ctypes.Structure):
@@ -278,7 +279,7 @@ class LlamaCalibrationModel:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_ctx
-        params.n_ubatch = min(512, n_ctx)
+        params.n_ubatch = min(N_UBATCH, n_ctx)
         params.n_seq_max = n_seq
         params.kv_unified = True  # one KV stream: ubatches keep the batch order
         params.n_threads = params.n_threads_batch = self.n_threads

@@ -103,10 +103,15 @@ def test_f32_gguf_gives_the_transformers_statistics_generated(work):
     assert 0 < ours.get("tokens", "en-de", "generated")[0, 0] <= 6 * len(SENTENCES)
 
 
-def test_batching_does_not_change_the_statistics(work):
+def test_batching_does_not_change_the_statistics(work, monkeypatch):
+    """One sequence per decode, against four sequences per decode split into ubatches of 8
+    tokens (so the callback sees every layer several times per decode, in order)."""
+    import packager.calibrate_gguf as calibrate_gguf_module
+
     _, gguf_file = family_model("qwen3_moe", work)
     data = write_data(work / "b.jsonl")
     one = calibrate_gguf(gguf_file, [data], CalibrationSettings(pairs=("en-de",), teacher_forced=True, batch_size=1), n_threads=1)
+    monkeypatch.setattr(calibrate_gguf_module, "N_UBATCH", 8)
     many = calibrate_gguf(gguf_file, [data], CalibrationSettings(pairs=("en-de",), teacher_forced=True, batch_size=16), n_threads=1)
     for name in one.tensors:
         np.testing.assert_allclose(many.tensors[name], one.tensors[name], rtol=1e-5, atol=1e-7, err_msg=name)
