@@ -7,7 +7,8 @@
 2. agreement with the transformers path at F32, teacher-forced: routing mass and REAP
    relative difference, selection-count mismatches;
 3. quantized parents (Q8_0, Q4_K_M from llama.cpp's quantizer): per-layer Spearman
-   correlation of routing mass against F32, and the IoU of the resulting 50% uniform plans.
+   correlation of routing mass (sequence span, both directions summed; and en-de alone, the
+   plan's signal) against F32, and the IoU of the resulting 50% uniform en->de plans.
 
 The GGUFs are written by the project's own exporter (`export_gguf`, `quantize_gguf`) into a
 work directory. Data: data/harvest/dev.jsonl when present (`make data-eval`), otherwise
@@ -67,7 +68,9 @@ def data_file(work: Path, sentences: int) -> tuple[Path, bool]:
     if HARVEST_DEV.is_file():
         lines = [line for line in HARVEST_DEV.read_text(encoding="utf-8").splitlines() if line.strip()]
         records = [json.loads(line) for line in lines]
-        chosen = [r for r in records if {r["src_lang"], r["tgt_lang"]} == {"en", "de"}][:sentences]
+        en_de = [r for r in records if {r["src_lang"], r["tgt_lang"]} == {"en", "de"}]
+        step = max(1, len(en_de) // sentences)  # spread over the split (it is sorted by source)
+        chosen = en_de[::step][:sentences]
         path = work / "dev.jsonl"
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chosen), encoding="utf-8")
         return path, True
@@ -208,16 +211,20 @@ def main() -> int:
             plan_settings = PlanSettings(langs=("de",), drop_ratio=0.5, uniform=True)
             base_keep, _ = plan_keep(ours, plan_settings)
             base_mass = sum(ours.get("mass", pair, "sequence") for pair in pairs)
+            base_en_de = ours.get("mass", "en-de", "sequence")  # the signal the plan ranks by
             result["quantized"] = {}
             for quant in ("Q8_0", "Q4_K_M"):
                 qfile = quantize_gguf(f32, work / f"default.{quant}.gguf", quant)
                 qstats = calibrate_gguf(qfile, [data], settings, n_threads=args.threads)
                 qmass = sum(qstats.get("mass", pair, "sequence") for pair in pairs)
                 rho = [spearman(base_mass[pos], qmass[pos]) for pos in range(base_mass.shape[0])]
+                q_en_de = qstats.get("mass", "en-de", "sequence")
+                rho_en_de = [spearman(base_en_de[pos], q_en_de[pos]) for pos in range(base_en_de.shape[0])]
                 keep, _ = plan_keep(qstats, plan_settings)
                 result["quantized"][quant] = {
                     "fingerprint_equal": qstats.meta["model_fingerprint"] == ours.meta["model_fingerprint"],
                     "spearman_per_layer": [round(r, 4) for r in rho], "spearman_min": round(min(rho), 4),
+                    "spearman_per_layer_en_de": [round(r, 4) for r in rho_en_de],
                     "plan_iou_vs_f32": round(global_iou([base_keep, keep]), 4), "file_bytes": qfile.stat().st_size,
                 }
                 print(f"{quant}: {result['quantized'][quant]}", file=sys.stderr, flush=True)
