@@ -111,6 +111,9 @@ def read_tensor(address: int) -> np.ndarray:
     nbytes = itemsize + sum((n - 1) * stride for n, stride in zip(ne, nb))
     raw = np.empty(nbytes, dtype=np.uint8)
     _tensor_get()(address, raw.ctypes.data, 0, nbytes)
+    contiguous = [itemsize * int(np.prod(ne[:i])) for i in range(GGML_MAX_DIMS)]
+    if nb == contiguous:
+        return raw.view(dtype).reshape(ne[::-1])
     view = np.lib.stride_tricks.as_strided(raw, shape=ne[::-1] + [itemsize], strides=nb[::-1] + [1], writeable=False)
     return np.ascontiguousarray(view).view(dtype)[..., 0]
 
@@ -147,7 +150,7 @@ class RouterTap:
                 name, pos = key
                 data = read_tensor(address)
                 if name in DOWN_NAMES:
-                    data = np.linalg.norm(data.astype(np.float64), axis=-1)  # [tokens, k]
+                    data = np.sqrt(np.einsum("...i,...i->...", data, data, dtype=np.float64))  # [tokens, k]
                 self.seen.setdefault(key, []).append(data)
             return True
         except BaseException as exc:  # never let an exception cross the C boundary
@@ -422,12 +425,28 @@ def _packs(lengths: Sequence[int], batch_size: int, budget: int) -> list[list[in
     return packs
 
 
+def _check_transformers_only_settings(settings: CalibrationSettings, path: Path) -> None:
+    """Options of the transformers backend that a GGUF run cannot honour are refused, not ignored."""
+    given = []
+    if getattr(settings, "device", "auto") not in ("auto", "cpu"):
+        given.append(f"--device {settings.device}")
+    if getattr(settings, "execution", "auto") != "auto":
+        given.append(f"--execution {settings.execution}")
+    for option, name in (("--max-activation-mb", "max_activation_mb"), ("--spill-dir", "spill_dir"), ("--generator", "generator")):
+        if getattr(settings, name, None) is not None:
+            given.append(option)
+    if given:
+        raise CalibrationError(f"{path}: {', '.join(given)} apply to Hugging Face models only; a GGUF runs in llama.cpp on the CPU "
+                               f"(memory-mapped, generating with itself): drop them")
+
+
 def calibrate_gguf(model_path: str | Path, data: Sequence[str | Path], settings: CalibrationSettings,
                    command: str | None = None, show_progress: bool = False, n_threads: int | None = None) -> RoutingStats:
     """Routing statistics of the GGUF `model_path` on `data` for `settings.pairs` (module docstring)."""
     from runtime.prompt import PromptRenderer
 
     check_settings(settings)
+    _check_transformers_only_settings(settings, Path(model_path))
     examples = read_examples([Path(p) for p in data], settings)
     parent = inspect_gguf(Path(model_path))
     model = LlamaCalibrationModel(parent, settings.reap, n_threads)

@@ -267,3 +267,5 @@ def test_a_pruned_gguf_has_its_own_identity_and_a_missing_file_is_named(work, tm
     assert stats.n_experts == 4 and stats.meta["model_fingerprint"] not in (parent_fingerprint, None)
     with pytest.raises(PackagerError, match=r"missing.gguf: GGUF file not found"):
         calibrate_gguf(tmp_path / "missing.gguf", [data], settings)
+    with pytest.raises(CalibrationError, match=r"--execution streamed apply to Hugging Face models only"):
+        calibrate_gguf(pruned, [data], CalibrationSettings(pairs=("en-de",), teacher_forced=True, execution="streamed"))
