@@ -59,7 +59,9 @@ class Batch:
 class RoutingRecorder:
     """Forward hooks that accumulate routing statistics of every MoE layer (see module docstring)."""
 
-    def __init__(self, model, arch, config, n_pairs: int, reap: bool):
+    def __init__(self, model, arch, config, n_pairs: int, reap: bool, expert_hooks: bool = True):
+        """expert_hooks=False: REAP sums are allocated but fed by `add_reap` (a streamed run
+        computes expert outputs itself, in expert groups) instead of hooks on the experts."""
         import torch
 
         self.arch = arch
@@ -81,7 +83,7 @@ class RoutingRecorder:
         for pos, layer_idx in enumerate(self.layers):
             router = model.get_submodule(arch.router_module(layer_idx))
             self.handles.append(router.register_forward_hook(self._router_hook(pos)))
-            if reap:
+            if reap and expert_hooks:
                 experts = model.get_submodule(arch.experts_module(layer_idx))
                 self.handles.append(experts.register_forward_pre_hook(self._experts_pre_hook(pos), with_kwargs=True))
                 self.handles.append(experts.register_forward_hook(self._experts_hook(pos)))
@@ -179,17 +181,25 @@ class RoutingRecorder:
             idx, weights, hidden_shape = self._pending.pop(pos)
             n_tokens, top_k = idx.shape
             rows = output.view(n_tokens, top_k, -1)
-            terms = (weights.float() * rows.float().norm(dim=-1)).double().cpu()  # [T, k]
-            flat_experts = idx.reshape(-1).cpu()
-            for keys in self.batch.token_keys:
-                flat = (keys.unsqueeze(1).expand(n_tokens, top_k).reshape(-1)) * self.n_experts + flat_experts
-                self.reap_sum[pos].view(-1).index_add_(0, flat, terms.reshape(-1))
-                self.reap_tokens[pos].view(-1).index_add_(0, flat, torch.ones_like(terms.reshape(-1)))
+            token_idx = torch.arange(n_tokens).repeat_interleave(top_k)
+            self.add_reap(pos, token_idx, idx.reshape(-1), weights.reshape(-1), rows.reshape(n_tokens * top_k, -1))
             combined = (rows * weights.unsqueeze(-1).to(rows.dtype)).sum(dim=1).reshape(hidden_shape)
             self.hook_seconds += time.perf_counter() - started
             return combined
 
         return hook
+
+    def add_reap(self, pos: int, token_idx, expert_idx, weights, outputs) -> None:
+        """REAP sums of (token, expert) rows of the current batch: gate weight x ||expert output||.
+        token_idx, expert_idx, weights: [R]; outputs: [R, H] unweighted expert outputs."""
+        import torch
+
+        terms = (weights.float() * outputs.float().norm(dim=-1)).double().cpu()
+        token_idx, expert_idx = token_idx.cpu(), expert_idx.cpu()
+        for keys in self.batch.token_keys:
+            flat = keys[token_idx] * self.n_experts + expert_idx
+            self.reap_sum[pos].view(-1).index_add_(0, flat, terms)
+            self.reap_tokens[pos].view(-1).index_add_(0, flat, torch.ones_like(terms))
 
     def to_stats(self, stats: RoutingStats, pair_slugs: Sequence[str], output_span: str) -> None:
         names = {PROMPT: PROMPT, SOURCE: SOURCE, "output": output_span, SEQUENCE: SEQUENCE}
@@ -403,27 +413,28 @@ def capture_streamed(streamed, loaded: LoadedModel, recorder: RoutingRecorder,
     def before_layer(layer_idx: int, batch_idx: int) -> None:
         recorder.batch = bookkeeping[batch_idx]
 
+    positions = {layer_idx: pos for pos, layer_idx in enumerate(recorder.layers)}
+
+    def expert_rows(layer_idx: int, batch_idx: int, token_idx, expert_idx, weights, outputs) -> None:
+        if recorder.reap_sum is not None:
+            recorder.batch = bookkeeping[batch_idx]
+            recorder.add_reap(positions[layer_idx], token_idx, expert_idx, weights, outputs)
+
     budget = None if settings.max_activation_mb is None else settings.max_activation_mb * 1024**2
     if budget is None:
         import psutil
 
         from packager.layer_stream import RAM_RESERVE_BYTES
 
-        # what is left once two layers (the one running and the kernel's read-ahead) and a reserve are set aside
-        budget = max(0, psutil.virtual_memory().available - 2 * streamed_layer_bytes(streamed) - RAM_RESERVE_BYTES)
+        # what is left once the running weights (one expert group or a layer's other tensors) and a reserve are set aside
+        budget = max(0, psutil.virtual_memory().available - streamed.resident_weight_bytes() - RAM_RESERVE_BYTES)
     try:
-        report = streamed.run(batches, before_layer, hidden_budget_bytes=budget,
+        report = streamed.run(batches, before_layer, expert_rows=expert_rows, hidden_budget_bytes=budget,
                               spill_dir=Path(settings.spill_dir) if settings.spill_dir else None,
                               progress=(lambda layer_idx, n: progress(1)) if progress else None)
     finally:
         recorder.batch = None
     return report.as_dict()
-
-
-def streamed_layer_bytes(streamed) -> int:
-    from packager.layer_stream import weight_bytes
-
-    return weight_bytes(streamed.reader, streamed.arch, streamed.config, streamed.dtype_name)["largest_layer"]
 
 
 # ---- generated translations, cached ------------------------------------------------------------------
@@ -557,8 +568,10 @@ def calibrate(model_dir: str | Path, data: Sequence[str | Path], settings: Calib
             finally:
                 recorder.remove()
         else:
-            streamed = StreamedModel(loaded.model_dir, settings.dtype, execution.device)
-            recorder = RoutingRecorder(streamed.model, loaded.arch, loaded.config, len(settings.pairs), settings.reap)
+            streamed = StreamedModel(loaded.model_dir, settings.dtype, execution.device,
+                                     expert_group_bytes=settings.expert_group_bytes)
+            recorder = RoutingRecorder(streamed.model, loaded.arch, loaded.config, len(settings.pairs), settings.reap,
+                                       expert_hooks=False)
             try:
                 task = bar.add_task("recording routing, layer by layer", total=len(streamed.layers)) if bar else None
                 streaming = capture_streamed(streamed, loaded, recorder, sequences, settings,

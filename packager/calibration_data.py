@@ -58,6 +58,7 @@ class CalibrationSettings:
     execution: str = "auto"                # whole | streamed | auto (packager.layer_stream.choose_execution)
     max_activation_mb: int | None = None   # streamed: hidden states above this spill to disk (None = auto)
     spill_dir: str | None = None           # streamed: where the spill file goes (None = system temp dir)
+    expert_group_bytes: int | None = None  # streamed: experts are loaded in groups of about this size (None = 256 MiB)
     generator: str | None = None           # a GGUF of the parent that translates for streamed generate mode
     cache_dir: str | None = None           # where generated translations are cached (None = no cache)
 

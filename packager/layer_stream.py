@@ -299,25 +299,39 @@ class ShardFiles:
             fd = self._fds[path] = os.open(path, os.O_RDONLY)
         return fd
 
-    def read(self, name: str):
-        """One tensor, in its stored dtype, in anonymous memory."""
+    def read(self, name: str, rows: tuple[int, int] | None = None, out=None):
+        """One tensor (or rows [start, stop) along dim 0), in its stored dtype, in anonymous memory.
+        With `out` (contiguous, same dtype and size) the bytes land there without a copy."""
         import numpy as np
         import torch
 
         info = self.reader.info(name)
-        buffer = np.empty(info.nbytes, dtype=np.uint8)
-        view = memoryview(buffer)
+        dtype = _safetensors_torch_dtype(info.dtype)
+        shape, offset, nbytes = list(info.shape), info.offset, info.nbytes
+        if rows is not None:
+            start, stop = rows
+            row_bytes = info.nbytes // info.shape[0]
+            shape[0], offset, nbytes = stop - start, info.offset + start * row_bytes, (stop - start) * row_bytes
+        if out is not None and out.dtype == dtype and out.is_contiguous() and out.numel() * out.element_size() == nbytes:
+            view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
+            result = out
+        else:
+            buffer = np.empty(nbytes, dtype=np.uint8)
+            view = memoryview(buffer)
+            result = torch.from_numpy(buffer).view(dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype)
         fd, done = self._fd(info.path), 0
-        while done < info.nbytes:
-            n = os.preadv(fd, [view[done:]], info.offset + done)
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:]], offset + done)
             if n <= 0:
                 raise CheckpointError(f"{info.path}: unexpected end of file reading {name!r}; re-copy the checkpoint")
             done += n
-        self.bytes_read += info.nbytes
-        tensor = torch.from_numpy(buffer)
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=_safetensors_torch_dtype(info.dtype))
-        return tensor.view(_safetensors_torch_dtype(info.dtype)).reshape(info.shape)
+        self.bytes_read += nbytes
+        if result is out and out is not None:
+            return out
+        if out is not None:
+            out.copy_(result.reshape(out.shape))
+            return out
+        return result
 
     def prefetch(self, names: Sequence[str]) -> None:
         if not hasattr(os, "posix_fadvise"):
@@ -335,42 +349,56 @@ class ShardFiles:
         self._fds.clear()
 
 
-def build_tensor(files: ShardFiles, source: TensorSource, like, dtype):
-    """The in-memory tensor `like` (a meta tensor: shape and kind) built from its disk source."""
+def build_tensor(files: ShardFiles, source: TensorSource, like, dtype, rows: tuple[int, int] | None = None):
+    """The in-memory tensor `like` (a meta tensor: shape and kind) built from its disk source;
+    with `rows`, only experts [start, stop) of an expert tensor (dim 0)."""
     import torch
 
+    shape = list(like.shape)
+    if rows is not None:
+        shape[0] = rows[1] - rows[0]
     if source.kind == "direct":
-        tensor = files.read(source.names[0][0])
-        if tensor.is_floating_point() and like.is_floating_point():
-            tensor = tensor.to(dtype)
-        out = tensor
+        if not like.is_floating_point() or files.reader.info(source.names[0][0]).dtype == _DTYPE_CODES.get(dtype):
+            out = files.read(source.names[0][0], rows)
+        else:
+            out = files.read(source.names[0][0], rows).to(dtype)
     elif source.kind == "stack":
-        out = torch.empty(like.shape, dtype=dtype)
-        for expert_idx, parts in enumerate(source.names):
+        out = torch.empty(shape, dtype=dtype)
+        experts = source.names if rows is None else source.names[rows[0]:rows[1]]
+        for slot, parts in enumerate(experts):
             row = 0
             for name in parts:
-                piece = files.read(name)
-                out[expert_idx, row:row + piece.shape[0]].copy_(piece)
-                row += piece.shape[0]
-            if row != like.shape[1]:
-                raise CheckpointError(f"{parts[0]!r}: expert rows {row} do not match the model's {like.shape[1]}")
+                n_rows = files.reader.info(name).shape[0]
+                files.read(name, out=out[slot, row:row + n_rows])  # straight into the stacked tensor
+                row += n_rows
+            if row != shape[1]:
+                raise CheckpointError(f"{parts[0]!r}: expert rows {row} do not match the model's {shape[1]}")
     elif source.kind == "mxfp4":
         from converters.gguf.mxfp4 import dequantize_mxfp4
 
         blocks_name, scales_name = source.names[0]
-        blocks, scales = files.read(blocks_name), files.read(scales_name)
-        out = torch.empty(like.shape, dtype=dtype)
-        for expert_idx in range(blocks.shape[0]):  # one expert at a time bounds the float32 copy
-            values = dequantize_mxfp4(blocks[expert_idx].numpy(), scales[expert_idx].numpy())
-            out[expert_idx].copy_(torch.from_numpy(values).transpose(0, 1))
+        blocks, scales = files.read(blocks_name, rows), files.read(scales_name, rows)
+        out = torch.empty(shape, dtype=dtype)
+        for slot in range(blocks.shape[0]):  # one expert at a time bounds the float32 copy
+            values = dequantize_mxfp4(blocks[slot].numpy(), scales[slot].numpy())
+            out[slot].copy_(torch.from_numpy(values).transpose(0, 1))
     else:
         raise ValueError(f"unknown tensor source kind {source.kind!r}")
-    if tuple(out.shape) != tuple(like.shape):
+    if list(out.shape) != shape:
         raise CheckpointError(
-            f"{source.disk_names()[0]!r}: shape {list(out.shape)} does not match the model's {list(like.shape)} "
+            f"{source.disk_names()[0]!r}: shape {list(out.shape)} does not match the model's {shape} "
             "(config.json and weights disagree)"
         )
     return out
+
+
+_DTYPE_CODES: dict = {}
+
+
+def _init_dtype_codes() -> None:
+    import torch
+
+    _DTYPE_CODES.update({torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"})
 
 
 def _set_tensor(module, path: str, value) -> None:
@@ -517,6 +545,8 @@ class StreamReport:
     layers: int = 0
     batches: int = 0
     tokens: int = 0
+    expert_groups: int = 0        # expert groups of the largest MoE layer
+    experts_per_group: int = 0
     bytes_read: int = 0
     load_seconds: float = 0.0
     compute_seconds: float = 0.0
@@ -527,17 +557,31 @@ class StreamReport:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
-class StreamedModel:
-    """A causal LM whose decoder runs one layer at a time from the checkpoint on disk."""
+DEFAULT_EXPERT_GROUP_BYTES = 256 * 1024**2
 
-    def __init__(self, model_dir: str | os.PathLike, dtype: str = "float32", device: str = "cpu"):
+
+class StreamedModel:
+    """A causal LM whose decoder runs one layer at a time from the checkpoint on disk.
+
+    Each decoder layer runs in two passes over all batches, so that only part of it is ever in
+    memory: (A) its attention, norms, router and shared experts run with the routed experts
+    answering zero while their inputs (hidden states, chosen experts, gate weights) are kept;
+    (B) the routed experts are read in groups of `expert_group_bytes` and each group computes
+    the rows routed to it, added to the layer output. This equals the whole layer because every
+    supported family adds the routed experts' weighted sum linearly to the rest of the layer
+    (tests compare against the whole model for each family)."""
+
+    def __init__(self, model_dir: str | os.PathLike, dtype: str = "float32", device: str = "cpu",
+                 expert_group_bytes: int | None = None):
         from packager.arch import load_arch
         from packager.checkpoint import CheckpointReader
 
+        _init_dtype_codes()
         self.model_dir = Path(model_dir)
         self.dtype_name = dtype
         self.dtype = torch_dtype(dtype)
         self.device = device
+        self.expert_group_bytes = expert_group_bytes or DEFAULT_EXPERT_GROUP_BYTES
         self.reader = CheckpointReader(self.model_dir)
         self.config = dict(self.reader.config)
         self.arch = load_arch(self.config)
@@ -547,11 +591,23 @@ class StreamedModel:
         present = set(self.reader.names())
         layer_prefix = _module_path(self.model, self.layers)
         self._layer_paths = [f"{layer_prefix}.{i}" for i in range(len(self.layers))]
+        moe_layers = set(self.arch.moe_layers(self.config))
+        meta = dict(self.model.named_parameters())
+        meta.update(dict(self.model.named_buffers()))
         # resolve every layer's sources up front: a missing tensor fails before any work
-        self._sources = []
+        self._sources: list[dict[str, TensorSource]] = []      # the layer minus its routed experts
+        self._expert_sources: list[dict[str, TensorSource]] = []
+        self._expert_meta: list[dict] = []
+        self._groups: list[list[tuple[int, int]]] = []
         for layer_idx, (path, layer) in enumerate(zip(self._layer_paths, self.layers)):
             targets = [f"{path}.{name}" for name in layer.state_dict(keep_vars=True)]
-            self._sources.append(layer_sources(self.arch, self.config, layer_idx, targets, present))
+            sources = layer_sources(self.arch, self.config, layer_idx, targets, present)
+            experts_prefix = self.arch.experts_module(layer_idx) + "." if layer_idx in moe_layers else None
+            experts = {t: s for t, s in sources.items() if experts_prefix and t.startswith(experts_prefix)}
+            self._sources.append({t: s for t, s in sources.items() if t not in experts})
+            self._expert_sources.append(experts)
+            self._expert_meta.append({t: meta[t] for t in experts})
+            self._groups.append(self._expert_groups(layer_idx, experts, meta) if experts else [])
         decoder = self.model.base_model
         decoder_path = _module_path(self.model, decoder)
         self._outer: dict[str, TensorSource] = {}
@@ -567,40 +623,81 @@ class StreamedModel:
         if missing:
             raise CheckpointError(f"{self.model_dir}: tensor(s) {', '.join(map(repr, missing[:4]))} missing from the checkpoint's shards")
 
+    def _expert_groups(self, layer_idx: int, experts: dict, meta: dict) -> list[tuple[int, int]]:
+        n_experts = self.arch.n_experts(self.config, layer_idx)
+        element = torch_dtype_size(self.dtype)
+        per_expert = sum(_numel(meta[t].shape) // n_experts for t in experts) * element
+        size = max(1, min(n_experts, self.expert_group_bytes // max(1, per_expert)))
+        return [(start, min(start + size, n_experts)) for start in range(0, n_experts, size)]
+
+    def _tensor_bytes(self, sources: dict, rows: tuple[int, int] | None = None) -> int:
+        meta = dict(self.model.named_parameters())
+        meta.update(dict(self.model.named_buffers()))
+        total = 0
+        for target in sources:
+            numel = _numel(meta[target].shape)
+            if rows is not None:
+                numel = numel // meta[target].shape[0] * (rows[1] - rows[0])
+            total += numel * torch_dtype_size(self.dtype)
+        return total
+
+    def resident_weight_bytes(self) -> int:
+        """The most weight bytes a streamed run holds at once (a layer without its experts, or
+        one expert group), at the compute dtype."""
+        most = self._tensor_bytes(self._outer)
+        for layer_idx in range(len(self.layers)):
+            most = max(most, self._tensor_bytes(self._sources[layer_idx]))
+            for rows in self._groups[layer_idx]:
+                most = max(most, self._tensor_bytes(self._expert_sources[layer_idx], rows))
+        return most
+
     # -- materialising ------------------------------------------------------------------------
-    def _load(self, sources: dict[str, TensorSource]) -> None:
+    def _load(self, sources: dict[str, TensorSource], rows: tuple[int, int] | None = None) -> None:
         import torch
 
         meta = dict(self.model.named_parameters())
         meta.update(dict(self.model.named_buffers()))
         for target, source in sources.items():
             like = meta[target]
-            value = build_tensor(self.files, source, like, self.dtype if like.is_floating_point() else like.dtype)
+            value = build_tensor(self.files, source, like, self.dtype if like.is_floating_point() else like.dtype, rows)
             if self.device != "cpu":
                 value = value.to(self.device, non_blocking=True)
             _set_tensor(self.model, target, value)
         if self.device != "cpu":
             torch.cuda.synchronize(self.device)
 
+    def load_layer(self, layer_idx: int) -> None:
+        """Materialise a whole decoder layer (all experts at once): for tests and small models."""
+        self._load(self._sources[layer_idx])
+        if self._expert_sources[layer_idx]:
+            self._load(self._expert_sources[layer_idx])
+
     def _prefetch(self, layer_idx: int) -> threading.Thread | None:
         if layer_idx >= len(self.layers):
             return None
-        names = [n for source in self._sources[layer_idx].values() for n in source.disk_names()]
+        names = [n for sources in (self._sources[layer_idx], self._expert_sources[layer_idx])
+                 for source in sources.values() for n in source.disk_names()]
         thread = threading.Thread(target=self.files.prefetch, args=(names,), daemon=True)
         thread.start()
         return thread
 
     # -- running --------------------------------------------------------------------------------
     def run(self, batches: Sequence[tuple], before_layer: Callable[[int, int], None] | None = None,
-            hidden_budget_bytes: int | None = None, spill_dir: Path | None = None,
-            progress: Callable[[int, int], None] | None = None) -> StreamReport:
+            expert_rows: Callable | None = None, hidden_budget_bytes: int | None = None,
+            spill_dir: Path | None = None, progress: Callable[[int, int], None] | None = None) -> StreamReport:
         """Run the decoder over `batches` of (input_ids [B, S], attention_mask [B, S]).
 
-        `before_layer(layer_idx, batch_idx)` is called before each layer runs on a batch
-        (the hooks' bookkeeping), `progress(layer_idx, n_layers)` after each layer."""
+        `before_layer(layer_idx, batch_idx)` is called before each layer runs on a batch (the
+        router hooks' bookkeeping); `expert_rows(layer_idx, batch_idx, token_idx, expert_idx,
+        gate_weights, outputs)` receives every routed (token, expert) row's unweighted expert
+        output (REAP); `progress(layer_idx, n_layers)` follows each layer."""
         import torch
 
         report = StreamReport(layers=len(self.layers), batches=len(batches))
+        groups = [g for g in self._groups if g]
+        if groups:
+            report.expert_groups = max(len(g) for g in groups)
+            report.experts_per_group = max(stop - start for g in groups for start, stop in g)
         decoder = self.model.base_model
         real_layers = list(self.layers)
         calls_per_batch: list[list] = []
@@ -608,7 +705,7 @@ class StreamedModel:
         self._load(self._outer)
         report.load_seconds += time.perf_counter() - started
         prefetch = self._prefetch(0)
-        store = None
+        stores: list[HiddenStore] = []
         try:
             # 1. embeddings and the arguments every layer gets
             shapes = []
@@ -627,11 +724,20 @@ class StreamedModel:
                 shapes.append(tuple(calls[0][0].shape))
                 report.tokens += int(mask.sum())
             _to_meta_outer(self.model, self._outer)
-            store = HiddenStore(shapes, self.dtype, hidden_budget_bytes, spill_dir)
-            report.hidden_bytes, report.spilled = store.total_bytes, store.spilled
+            flat_shapes = [(_numel(shape[:-1]), shape[-1]) for shape in shapes]
+            hidden_total = sum(_numel(shape) for shape in shapes) * (2 * torch_dtype_size(self.dtype) + 4)
+            spill = hidden_budget_bytes is not None and hidden_total > hidden_budget_bytes
+            budget = 0 if spill else None
+            hidden = HiddenStore(shapes, self.dtype, budget, spill_dir)
+            stores.append(hidden)
+            expert_inputs = HiddenStore(flat_shapes, self.dtype, budget, spill_dir)
+            stores.append(expert_inputs)
+            sums = HiddenStore(flat_shapes, torch.float32, budget, spill_dir)
+            stores.append(sums)
+            report.hidden_bytes, report.spilled = hidden_total, spill
             for batch_idx, calls in enumerate(calls_per_batch):
-                store.put(batch_idx, calls[0][0])
-                for call_idx, (hidden, args, kwargs) in enumerate(calls):
+                hidden.put(batch_idx, calls[0][0])
+                for call_idx, (_, args, kwargs) in enumerate(calls):
                     calls[call_idx] = (None, args, kwargs)  # drop the references to the embeddings
             # 2. layer by layer
             for layer_idx, layer in enumerate(real_layers):
@@ -641,33 +747,118 @@ class StreamedModel:
                 self._load(self._sources[layer_idx])
                 prefetch = self._prefetch(layer_idx + 1)
                 report.load_seconds += time.perf_counter() - started
-                started = time.perf_counter()
-                with torch.no_grad():
-                    for batch_idx, calls in enumerate(calls_per_batch):
-                        if before_layer is not None:
-                            before_layer(layer_idx, batch_idx)
-                        _, args, kwargs = calls[layer_idx]
-                        hidden = store.get(batch_idx).to(self.device)
-                        out = layer(hidden, *args, **kwargs)
-                        store.put(batch_idx, out[0] if isinstance(out, tuple) else out)
-                report.compute_seconds += time.perf_counter() - started
+                routed = self._run_without_experts(layer_idx, layer, calls_per_batch, hidden, expert_inputs, before_layer, report)
                 _to_meta(layer)
+                if routed is not None:
+                    self._run_expert_groups(layer_idx, routed, hidden, expert_inputs, sums, before_layer, expert_rows, report)
                 if progress is not None:
                     progress(layer_idx, len(real_layers))
         finally:
             if prefetch is not None:
                 prefetch.join()
-            if store is not None:
+            for store in stores:
                 store.close()
-            for layer in real_layers:
+            for layer_idx, layer in enumerate(real_layers):
+                self._restore_experts(layer_idx)
                 _to_meta(layer)
             _to_meta_outer(self.model, self._outer)
         report.bytes_read = self.files.bytes_read
         return report
 
+    def _run_without_experts(self, layer_idx, layer, calls_per_batch, hidden, expert_inputs, before_layer, report):
+        """Pass A: the layer with its routed experts answering zero; returns per batch the
+        experts' (chosen experts, gate weights), their inputs go to `expert_inputs`."""
+        import torch
+
+        experts = self.model.get_submodule(self.arch.experts_module(layer_idx)) if self._expert_sources[layer_idx] else None
+        routed: list = []
+        current: dict = {}
+
+        def zero_experts(hidden_states, *args, **kwargs):
+            top_k_index, top_k_weights = (list(args) + list(kwargs.values()))[:2]  # (chosen experts, gate weights)
+            current["inputs"] = hidden_states.reshape(-1, hidden_states.shape[-1])
+            current["routing"] = (top_k_index.reshape(current["inputs"].shape[0], -1),
+                                  top_k_weights.reshape(current["inputs"].shape[0], -1))
+            return torch.zeros_like(hidden_states)
+
+        started = time.perf_counter()
+        if experts is not None:
+            experts.forward = zero_experts
+        try:
+            with torch.no_grad():
+                for batch_idx, calls in enumerate(calls_per_batch):
+                    if before_layer is not None:
+                        before_layer(layer_idx, batch_idx)
+                    _, args, kwargs = calls[layer_idx]
+                    current.clear()
+                    out = layer(hidden.get(batch_idx).to(self.device), *args, **kwargs)
+                    hidden.put(batch_idx, out[0] if isinstance(out, tuple) else out)
+                    if experts is not None:
+                        if "inputs" not in current:
+                            raise StreamingError(f"layer {layer_idx}: the routed experts were not called")
+                        expert_inputs.put(batch_idx, current["inputs"])
+                        routed.append(tuple(t.detach() for t in current["routing"]))
+        finally:
+            if experts is not None:
+                del experts.forward
+        report.compute_seconds += time.perf_counter() - started
+        return routed if experts is not None else None
+
+    def _run_expert_groups(self, layer_idx, routed, hidden, expert_inputs, sums, before_layer, expert_rows, report):
+        """Pass B: routed experts group by group; each (token, expert) row is computed once."""
+        import torch
+
+        experts = self.model.get_submodule(self.arch.experts_module(layer_idx))
+        n_experts = experts.num_experts
+        for batch_idx in range(len(routed)):
+            sums.put(batch_idx, torch.zeros(sums.shapes[batch_idx], dtype=torch.float32))
+        try:
+            for start, stop in self._groups[layer_idx]:
+                started = time.perf_counter()
+                self._load(self._expert_sources[layer_idx], (start, stop))
+                experts.num_experts = stop - start
+                report.load_seconds += time.perf_counter() - started
+                started = time.perf_counter()
+                with torch.no_grad():
+                    for batch_idx, (chosen, weights) in enumerate(routed):
+                        token_idx, slot = ((chosen >= start) & (chosen < stop)).nonzero(as_tuple=True)
+                        if token_idx.numel() == 0:
+                            continue
+                        if before_layer is not None:
+                            before_layer(layer_idx, batch_idx)
+                        rows = expert_inputs.get(batch_idx).to(self.device)[token_idx]
+                        expert_idx = chosen[token_idx, slot]
+                        gate = weights[token_idx, slot]
+                        ones = torch.ones((rows.shape[0], 1), dtype=weights.dtype, device=weights.device)
+                        outputs = type(experts).forward(experts, rows, (expert_idx - start).unsqueeze(1), ones)
+                        if expert_rows is not None:
+                            expert_rows(layer_idx, batch_idx, token_idx, expert_idx, gate, outputs)
+                        total = sums.get(batch_idx)
+                        total.index_add_(0, token_idx.cpu(), (outputs.float() * gate.float().unsqueeze(1)).cpu())
+                        sums.put(batch_idx, total)
+                report.compute_seconds += time.perf_counter() - started
+                self._restore_experts(layer_idx)
+        finally:
+            experts.num_experts = n_experts
+            self._restore_experts(layer_idx)
+        for batch_idx in range(len(routed)):
+            out = hidden.get(batch_idx)
+            hidden.put(batch_idx, out + sums.get(batch_idx).to(out.dtype).view(out.shape))
+
+    def _restore_experts(self, layer_idx: int) -> None:
+        """The experts' parameters back to their full-size meta tensors (frees a group)."""
+        for target, like in self._expert_meta[layer_idx].items():
+            _set_tensor(self.model, target, like)
+
     def close(self) -> None:
         self.files.close()
         self.reader.close()
+
+
+def torch_dtype_size(dtype) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def _to_meta_outer(model, sources: dict) -> None:

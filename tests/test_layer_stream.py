@@ -58,10 +58,15 @@ def test_streamed_statistics_equal_whole_model_statistics(case, tmp_path):
     settings = dict(pairs=("en-de", "de-en"), teacher_forced=True, batch_size=2, max_sentences=None)
     whole = calibrate(model_dir, [data], CalibrationSettings(**settings, execution="whole", device="cpu"))
     streamed = calibrate(model_dir, [data], CalibrationSettings(**settings, execution="streamed", device="cpu"))
-    assert sorted(streamed.tensors) == sorted(whole.tensors)
+    # experts read one at a time (groups of one expert): every row still computed exactly once
+    one_by_one = calibrate(model_dir, [data], CalibrationSettings(**settings, execution="streamed", expert_group_bytes=1))
+    assert one_by_one.meta["provenance"][0]["streaming"]["experts_per_group"] == 1
+    assert streamed.meta["provenance"][0]["streaming"]["experts_per_group"] == 8
+    assert sorted(streamed.tensors) == sorted(whole.tensors) == sorted(one_by_one.tensors)
     assert any(name.startswith("reap/") for name in whole.tensors)
     for name in whole.tensors:
         np.testing.assert_allclose(streamed.tensors[name], whole.tensors[name], rtol=1e-6, atol=1e-9, err_msg=name)
+        np.testing.assert_allclose(one_by_one.tensors[name], whole.tensors[name], rtol=1e-6, atol=1e-9, err_msg=name)
     assert whole.meta["provenance"][0]["execution"]["mode"] == "whole"
     run = streamed.meta["provenance"][0]
     assert run["execution"]["mode"] == "streamed" and run["execution"]["reason"] == "--execution streamed"
@@ -78,7 +83,7 @@ def test_a_streamed_layer_is_bit_identical_to_the_loaded_one(case, tmp_path):
     streamed = StreamedModel(model_dir, "float32")
     try:
         for layer_idx, layer in enumerate(streamed.layers):
-            streamed._load(streamed._sources[layer_idx])
+            streamed.load_layer(layer_idx)
             prefix = streamed._layer_paths[layer_idx] + "."
             got = {prefix + k: v for k, v in layer.state_dict().items()}
             assert got.keys() == {k for k in reference if k.startswith(prefix)}

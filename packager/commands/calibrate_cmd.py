@@ -37,6 +37,8 @@ import click
               help="streamed: hidden states above this many MB spill to disk (default: what free RAM allows)")
 @click.option("--spill-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="streamed: directory for the hidden-state spill file (default: the system temp dir)")
+@click.option("--expert-group-mb", type=int, default=None,
+              help="streamed: routed experts are read in groups of about this many MB [default: 256]")
 @click.option("--generator", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="a GGUF of the parent that produces the greedy translations (needed to generate when streaming)")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -45,7 +47,8 @@ import click
 def calibrate_command(model: Path, data: tuple[Path, ...], pairs: str, out_path: Path, teacher_forced: bool,
                       max_sentences: int, max_new_tokens: int, batch_size: int, prompt_template: str, reap: bool,
                       seed: int, text_lang: str | None, dtype: str, device: str, execution: str,
-                      max_activation_mb: int | None, spill_dir: Path | None, generator: Path | None,
+                      max_activation_mb: int | None, spill_dir: Path | None, expert_group_mb: int | None,
+                      generator: Path | None,
                       cache_dir: Path | None, force: bool) -> None:
     """Record the routing statistics of MODEL (a Hugging Face directory or a .gguf file) on
     translation prompts."""
@@ -61,7 +64,8 @@ def calibrate_command(model: Path, data: tuple[Path, ...], pairs: str, out_path:
         max_sentences=None if max_sentences == 0 else max_sentences, max_new_tokens=max_new_tokens,
         batch_size=batch_size, prompt_template=prompt_template, reap=reap, seed=seed, text_lang=text_lang, dtype=dtype,
         device=device, execution=execution, max_activation_mb=max_activation_mb,
-        spill_dir=str(spill_dir) if spill_dir else None, generator=str(generator) if generator else None,
+        spill_dir=str(spill_dir) if spill_dir else None,
+        expert_group_bytes=None if expert_group_mb is None else expert_group_mb * 1024**2, generator=str(generator) if generator else None,
         cache_dir=str(cache_dir or out_path.parent / "calibration-cache"),
     )
     if model.suffix.lower() == ".gguf":
