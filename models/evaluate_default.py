@@ -1,7 +1,12 @@
-"""Score a translator checkpoint on the held-out test split: greedy chrF++ and BLEU per direction.
+"""Score a translator checkpoint on held-out splits: greedy chrF++ and BLEU per direction.
+
+Splits (under --data): `eval` the fixed evaluation split of `make demo` (eval/test.jsonl, the same
+file whatever else was harvested), `test` the in-domain test split of the harvest, `unseen` whole
+packages never trained on (unseen.jsonl). Every split's result records the file's content hash
+(models.harvest.split_hash).
 
 Used for the embedded default's model card (`make eval-default`) and by the training run.
-Usage: python -m models.evaluate_default --model models/default --data data/harvest --per-direction 300 --out EVAL.json
+Usage: python -m models.evaluate_default --model models/default --data data/harvest --splits eval,unseen --out EVAL.json
 """
 from __future__ import annotations
 
@@ -14,11 +19,14 @@ from pathlib import Path
 DIRECTIONS = [("en", t) for t in ("de", "fr", "es", "ru", "ja", "zh")] + [(s, "en") for s in ("de", "fr", "es", "ru", "ja", "zh")]
 
 
-def test_pairs(data_dir: Path, src: str, tgt: str, limit: int) -> list[tuple[str, str]]:
-    """The first `limit` test pairs of a direction, in the file's (sorted, deterministic) order."""
+SPLIT_FILES = {"eval": "eval/test.jsonl", "test": "test.jsonl", "unseen": "unseen.jsonl"}
+
+
+def test_pairs(data_dir: Path, src: str, tgt: str, limit: int, split: str = "test") -> list[tuple[str, str]]:
+    """`limit` pairs of a direction spread evenly over the split file's (sorted, deterministic) order."""
     other = tgt if src == "en" else src
     pairs = []
-    with (data_dir / "test.jsonl").open(encoding="utf-8") as handle:
+    with (data_dir / SPLIT_FILES[split]).open(encoding="utf-8") as handle:
         for line in handle:
             record = json.loads(line)
             if record["tgt_lang"] != other:
@@ -64,18 +72,45 @@ def score(hyps: list[str], refs: list[str], tgt: str) -> dict:
             "chrf_signature": str(chrf.get_signature()), "bleu_signature": str(bleu.get_signature())}
 
 
+def evaluate_split(model, tokenizer, data: Path, split: str, wanted, per_direction: int) -> dict:
+    from models.harvest import split_hash
+
+    path = data / SPLIT_FILES[split]
+    results = {}
+    for src, tgt in wanted:
+        pairs = test_pairs(data, src, tgt, per_direction, split)
+        started = time.time()
+        hyps = translate_all(model, tokenizer, [p[0] for p in pairs], src, tgt)
+        metrics = score(hyps, [p[1] for p in pairs], tgt)
+        # No example sentences in the output: it is committed, and test sentences are third-party text.
+        metrics.update(n=len(pairs), seconds=round(time.time() - started, 1))
+        results[f"{src}-{tgt}"] = metrics
+        print(f"{split} {src}->{tgt}: chrF++ {metrics['chrf++']:.1f} BLEU {metrics['bleu']:.1f} (n={len(pairs)}, "
+              f"{metrics['seconds']}s)", file=sys.stderr)
+    return {"file": str(path), "sha256": split_hash(path), "results": results}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=Path("models/default"))
     parser.add_argument("--data", type=Path, default=Path("data/harvest"))
+    parser.add_argument("--splits", default="eval,unseen",
+                        help="comma list of " + ", ".join(SPLIT_FILES) + "; the first one also fills the top-level results")
     parser.add_argument("--per-direction", type=int, default=300)
     parser.add_argument("--directions", default="all", help="comma list like en-de,de-en or 'all'")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--floor", type=float, default=None,
-                        help="fail (exit 1) when a --floor-directions direction scores chrF++ below this")
+                        help="fail (exit 1) when a --floor-directions direction scores chrF++ below this (first split)")
     parser.add_argument("--floor-directions", default="en-de,en-fr,en-es")
     args = parser.parse_args(argv)
+    splits = [s for s in args.splits.split(",") if s]
+    unknown = [s for s in splits if s not in SPLIT_FILES]
+    if unknown:
+        parser.error(f"--splits: unknown split {unknown[0]} (choose from {', '.join(SPLIT_FILES)})")
+    for split in splits:
+        if not (args.data / SPLIT_FILES[split]).exists():
+            raise SystemExit(f"error: {args.data / SPLIT_FILES[split]}: not found; run `make data-eval` (or models.harvest)")
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -84,18 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     wanted = DIRECTIONS if args.directions == "all" else [tuple(d.split("-")) for d in args.directions.split(",")]
-    results = {}
-    for src, tgt in wanted:
-        pairs = test_pairs(args.data, src, tgt, args.per_direction)
-        started = time.time()
-        hyps = translate_all(model, tokenizer, [p[0] for p in pairs], src, tgt)
-        metrics = score(hyps, [p[1] for p in pairs], tgt)
-        # No example sentences in the output: it is committed, and test sentences are third-party text.
-        metrics.update(n=len(pairs), seconds=round(time.time() - started, 1))
-        results[f"{src}-{tgt}"] = metrics
-        print(f"{src}->{tgt}: chrF++ {metrics['chrf++']:.1f} BLEU {metrics['bleu']:.1f} (n={len(pairs)}, {metrics['seconds']}s)", file=sys.stderr)
+    by_split = {split: evaluate_split(model, tokenizer, args.data, split, wanted, args.per_direction) for split in splits}
+    results = by_split[splits[0]]["results"]
     if args.out:
-        args.out.write_text(json.dumps({"model": str(args.model), "per_direction": args.per_direction, "results": results},
+        args.out.write_text(json.dumps({"model": str(args.model), "per_direction": args.per_direction, "split": splits[0],
+                                        "sha256": by_split[splits[0]]["sha256"], "results": results, "splits": by_split},
                                        indent=2, ensure_ascii=False) + "\n")
     if args.floor is not None:
         low = {d: results[d]["chrf++"] for d in args.floor_directions.split(",") if d in results and results[d]["chrf++"] < args.floor}
