@@ -610,18 +610,39 @@ class StreamedModel:
             self._groups.append(self._expert_groups(layer_idx, experts, meta) if experts else [])
         decoder = self.model.base_model
         decoder_path = _module_path(self.model, decoder)
+        embedding = decoder.get_input_embeddings()
+        # a plain embedding table is read row by row for the tokens in use, not whole
+        self._embedding_name = None
+        if type(embedding) is torch_nn().Embedding:
+            self._embedding_name = f"{_module_path(self.model, embedding)}.weight"
         self._outer: dict[str, TensorSource] = {}
         missing = []
         for name in decoder.state_dict(keep_vars=True):
             full = f"{decoder_path}.{name}" if decoder_path else name
             if full.startswith(f"{layer_prefix}."):
                 continue
-            if full in present:
-                self._outer[full] = TensorSource("direct", ((full,),))
-            else:
+            if full not in present:
                 missing.append(full)
+            elif full != self._embedding_name:
+                self._outer[full] = TensorSource("direct", ((full,),))
         if missing:
             raise CheckpointError(f"{self.model_dir}: tensor(s) {', '.join(map(repr, missing[:4]))} missing from the checkpoint's shards")
+
+    def _embedding_rows(self, batches: Sequence[tuple]):
+        """(sorted token ids in use, their embedding rows at the compute dtype), read from the
+        checkpoint row by row; None when the model's embedding is not a plain table."""
+        import torch
+
+        if self._embedding_name is None:
+            return None
+        rows = torch.unique(torch.cat([ids.reshape(-1) for ids, _ in batches]))
+        info = self.reader.info(self._embedding_name)
+        if int(rows.max()) >= info.shape[0]:
+            raise StreamingError(f"token id {int(rows.max())} is outside the embedding table of {info.shape[0]} rows")
+        vectors = torch.empty((len(rows), info.shape[1]), dtype=self.dtype)
+        for slot, row in enumerate(rows.tolist()):
+            self.files.read(self._embedding_name, (row, row + 1), out=vectors[slot:slot + 1])
+        return rows, vectors
 
     def _expert_groups(self, layer_idx: int, experts: dict, meta: dict) -> list[tuple[int, int]]:
         n_experts = self.arch.n_experts(self.config, layer_idx)
@@ -709,13 +730,18 @@ class StreamedModel:
         try:
             # 1. embeddings and the arguments every layer gets
             shapes = []
+            table = self._embedding_rows(batches)
             for ids, mask in batches:
                 calls: list = []
                 recorders = [_LayerInputs(layer, calls).module for layer in real_layers]
                 decoder.layers = torch.nn.ModuleList(recorders)
+                inputs = {"input_ids": ids.to(self.device)}
+                if table is not None:
+                    rows, vectors = table
+                    inputs = {"inputs_embeds": vectors[torch.searchsorted(rows, ids)].to(self.device)}
                 try:
                     with torch.no_grad():
-                        decoder(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False)
+                        decoder(**inputs, attention_mask=mask.to(self.device), use_cache=False)
                 finally:
                     decoder.layers = self.layers
                 if len(calls) != len(real_layers):
@@ -724,6 +750,7 @@ class StreamedModel:
                 shapes.append(tuple(calls[0][0].shape))
                 report.tokens += int(mask.sum())
             _to_meta_outer(self.model, self._outer)
+            table = None
             flat_shapes = [(_numel(shape[:-1]), shape[-1]) for shape in shapes]
             hidden_total = sum(_numel(shape) for shape in shapes) * (2 * torch_dtype_size(self.dtype) + 4)
             spill = hidden_budget_bytes is not None and hidden_total > hidden_budget_bytes
@@ -853,6 +880,12 @@ class StreamedModel:
     def close(self) -> None:
         self.files.close()
         self.reader.close()
+
+
+def torch_nn():
+    import torch
+
+    return torch.nn
 
 
 def torch_dtype_size(dtype) -> int:
