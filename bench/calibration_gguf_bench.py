@@ -82,7 +82,7 @@ def data_file(work: Path, sentences: int) -> tuple[Path, bool]:
 def measure_overhead(gguf_file: Path, data: Path, teacher_forced: bool, repeats: int, threads: int) -> dict:
     import numpy as np
 
-    from packager.calibrate_gguf import TOKEN_BUDGET, LlamaCalibrationModel, PromptBuilder, _packs, inspect_gguf
+    from packager.calibrate_gguf import LlamaCalibrationModel, PromptBuilder, _packs, inspect_gguf
     from packager.calibration_data import CalibrationSettings, read_examples
     from runtime.prompt import PromptRenderer
 
@@ -100,7 +100,7 @@ def measure_overhead(gguf_file: Path, data: Path, teacher_forced: bool, repeats:
             ids, _ = builder.encode(ex.pair, ex.source)
             out = model.encode_with_offsets(ex.target)[0] + [model.eos_id] if teacher_forced else model.generate(ids, 32)
             sequences.append(ids + out)
-        packs = _packs([len(s) for s in sequences], 16, TOKEN_BUDGET)
+        packs = _packs([len(s) for s in sequences], 16, model.token_budget)
         plain_ctx, plain_batch = model._context("plain", 2048, 16)
 
         def plain():

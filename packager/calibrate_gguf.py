@@ -16,7 +16,8 @@ How a run works:
    first end token).
 4. Capture: prompt + output of several sequences in one `llama_decode` (distinct sequence ids
    in a unified KV cache, so ubatches keep the batch order), logits requested for every
-   token so the last layer's FFN runs for every token. The context's eval callback
+   token so the last layer's FFN runs for every token (those logits are the run's largest
+   buffer: a decode holds at most LOGITS_BUDGET_BYTES of them). The context's eval callback
    (`cb_eval`) asks the scheduler only for the router tensors of each MoE layer, named
    `NAME-{layer}` by llama.cpp's graph (llm_graph_context::build_moe_ffn):
    - `ffn_moe_topk`: selected experts [k, tokens] (a strided view of the argsort);
@@ -58,7 +59,8 @@ TOPK = "ffn_moe_topk"
 WEIGHT_NAMES = ("ffn_moe_weights", "ffn_moe_weights_softmax", "ffn_moe_weights_norm", "ffn_moe_weights_scaled")
 # expert outputs before weighting, same rule
 DOWN_NAMES = ("ffn_moe_down", "ffn_moe_down_scaled", "ffn_moe_down_biased")
-TOKEN_BUDGET = 1024  # tokens per capture decode (several sequences share it)
+TOKEN_BUDGET = 1024  # at most this many tokens per capture decode (several sequences share it)
+LOGITS_BUDGET_BYTES = 128 * 1024**2  # every token's logits are kept per decode: n_tokens x n_vocab x 4 bytes
 N_UBATCH = 512  # tokens per graph evaluation (a decode of more runs in several ubatches, in order)
 
 
@@ -239,6 +241,8 @@ class LlamaCalibrationModel:
         if self.eos_id < 0:
             raise CalibrationError(f"{parent.path}: GGUF defines no end-of-sequence token")
         self._piece_buffer = ctypes.create_string_buffer(256)
+        # logits of every token are requested (so the last layer runs for every token): bound them
+        self.token_budget = max(64, min(TOKEN_BUDGET, LOGITS_BUDGET_BYTES // (4 * max(self.n_vocab, 1))))
 
     # -- tokens ------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -343,7 +347,7 @@ class LlamaCalibrationModel:
     def capture(self, sequences: Sequence[list[int]]) -> list[tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray] | None]]:
         """Routing of every token of each sequence: per sequence, per MoE layer (ids, weights, norms)."""
         total = sum(len(s) for s in sequences)
-        ctx, batch = self._context("tap", _round_up(max(total, TOKEN_BUDGET)), max(len(sequences), 1))
+        ctx, batch = self._context("tap", _round_up(max(total, self.token_budget)), max(len(sequences), 1))
         self._clear(ctx)
         tap = self.tap
         tap.reset()
@@ -496,7 +500,7 @@ def calibrate_gguf(model_path: str | Path, data: Sequence[str | Path], settings:
                          for (ids, slots), out, (pair_pos, _) in zip(encoded, outputs, flat)]
             accumulator = SpanAccumulator(len(parent.moe_layers), parent.n_experts, len(settings.pairs), settings.reap)
             task = bar.add_task("recording routing", total=len(sequences)) if bar else None
-            for pack in _packs([len(s[0]) for s in sequences], settings.batch_size, TOKEN_BUDGET):
+            for pack in _packs([len(s[0]) for s in sequences], settings.batch_size, model.token_budget):
                 routed = model.capture([sequences[i][0] for i in pack])
                 for i, (idx, weights, norms) in zip(pack, routed):
                     _, slots, pair_pos = sequences[i]
