@@ -406,6 +406,18 @@ def test_unsupported_models_are_refused(tmp_path):
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*tmp"))
 
 
+def test_bpe_tokenizer_without_merges_is_refused(tmp_path):
+    """llama.cpp cannot load a BPE vocabulary without tokenizer.ggml.merges, and gguf-py skips an
+    empty list: refused before anything is written."""
+    model_dir = build_model("qwen3_moe", tmp_path / "nomerges")
+    tokenizer = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    tokenizer["model"]["merges"] = []
+    (model_dir / "tokenizer.json").write_text(json.dumps(tokenizer), encoding="utf-8")
+    with pytest.raises(GGUFExportError, match=r"tokenizer.json: the BPE tokenizer has no merges; llama.cpp cannot load"):
+        export_gguf(model_dir, tmp_path / "nomerges.gguf")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*tmp"))
+
+
 def test_corrupt_and_truncated_gguf(parent_gguf, plan_file, tmp_path):
     garbage = tmp_path / "garbage.gguf"
     garbage.write_bytes(b"GGUF" + bytes(range(256)) * 4)

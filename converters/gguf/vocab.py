@@ -100,6 +100,11 @@ def read_vocab(model_dir: str | Path, vocab_size: int) -> GGUFVocab:
     merges = []
     for merge in model.get("merges", []):
         merges.append(merge if isinstance(merge, str) else " ".join(merge))
+    if not merges:
+        # llama.cpp's BPE vocabulary needs the tokenizer.ggml.merges key ("cannot find tokenizer
+        # merges in model file"), and gguf-py writes no empty array: such a file would not load
+        raise GGUFExportError(f"{path}: the BPE tokenizer has no merges; llama.cpp cannot load a GGUF without tokenizer "
+                              f"merges: train the tokenizer with a vocabulary larger than its byte alphabet")
 
     special_texts: dict[str, str] = {}
     config_path = model_dir / TOKENIZER_CONFIG
