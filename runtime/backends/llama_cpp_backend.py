@@ -274,6 +274,17 @@ def read_gguf_metadata(path: str | Path) -> dict[str, str]:
         model.free()
 
 
+def file_type_name(file_type: str | None) -> str:
+    """llama.cpp's file type number as the quantizer names it ("1" -> "F16", "7" -> "Q8_0"),
+    so a bare GGUF compares with the exports of the same type."""
+    llama_cpp = llama_module()
+    for prefix in ("LLAMA_FTYPE_MOSTLY_", "LLAMA_FTYPE_ALL_"):
+        for name in dir(llama_cpp):
+            if name.startswith(prefix) and str(getattr(llama_cpp, name)) == str(file_type).strip():
+                return name[len(prefix):]
+    return "unknown" if file_type is None else str(file_type)
+
+
 def config_from_gguf(path: str | Path) -> ExportConfig:
     """An ExportConfig for a bare .gguf (no export JSON beside it), from its own metadata."""
     path = Path(path)
@@ -319,7 +330,7 @@ def config_from_gguf(path: str | Path) -> ExportConfig:
         special_tokens=special,
         top_k=top_k,
         n_experts={layer_idx: n_experts for layer_idx in range(n_dense, n_layers)},
-        quantization={"type": meta.get("general.file_type", "unknown")},
+        quantization={"type": file_type_name(meta.get("general.file_type"))},
         parent_fingerprint=meta.get("packager.parent_fingerprint") or None,
         provenance={"source": "GGUF metadata (no export config beside the file)"},
     )
