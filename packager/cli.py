@@ -26,6 +26,22 @@ COMMANDS = {
 }
 
 BUILD_EXTRA_HINT = "install the build side first: pip install 'edge-translation-packager[build]' (torch, transformers, ...)"
+GGUF_EXTRA_HINT = ("install the GGUF build side first: pip install 'edge-translation-packager[gguf]' (no torch; or '[build]' "
+                   "for everything)")
+# top-level modules of the extras -> the hint that names what to install
+TORCH_MODULES = {"torch", "transformers", "onnx", "onnxscript", "polib"}
+GGUF_MODULES = {"safetensors", "gguf", "sacrebleu", "matplotlib", "lingua"}
+
+
+def missing_module_hint(name: str | None) -> str | None:
+    """One line for a build-side module that is not installed, or None for anything else."""
+    root = (name or "").split(".")[0]
+    if root in TORCH_MODULES:
+        return (f"{root} is missing: {BUILD_EXTRA_HINT}; only a GGUF parent (calibrate/build on a .gguf, prune-gguf) "
+                f"works without it")
+    if root in GGUF_MODULES:
+        return f"{root} is missing: {GGUF_EXTRA_HINT}"
+    return None
 
 
 def load_command(spec: str) -> click.Command:
@@ -33,8 +49,9 @@ def load_command(spec: str) -> click.Command:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name and exc.name.split(".")[0] in {"torch", "transformers", "safetensors", "gguf", "onnx", "onnxscript", "sacrebleu", "matplotlib"}:
-            raise click.ClickException(f"{exc.name} is missing: {BUILD_EXTRA_HINT}") from None
+        hint = missing_module_hint(exc.name)
+        if hint:
+            raise click.ClickException(hint) from None
         raise
     return getattr(module, attribute)
 
@@ -76,6 +93,12 @@ def main() -> None:
         cli(prog_name="packager")  # click handles its own usage errors and exits
     except PackagerError as exc:
         click.echo("error: " + " ".join(str(exc).split()), err=True)
+        sys.exit(1)
+    except ModuleNotFoundError as exc:  # a stage that needs an extra this install lacks (e.g. torch)
+        hint = missing_module_hint(exc.name)
+        if hint is None:
+            raise
+        click.echo("error: " + hint, err=True)
         sys.exit(1)
 
 
