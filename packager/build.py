@@ -11,7 +11,8 @@ run the same command again.
 
 PACKS.toml (paths are relative to the TOML file):
 
-    parent = "../models/default"          # Hugging Face MoE checkpoint (the embedded default)
+    parent = "../models/default"          # Hugging Face MoE checkpoint (the embedded default),
+                                          # or a GGUF file: parent = "model.Q8_0.gguf" (see below)
     drop_ratios = [0.25, 0.5]
     ranker = "routing-mass"               # default for every variant
     threads = 2                           # runtime / quantizer threads
@@ -41,6 +42,13 @@ PACKS.toml (paths are relative to the TOML file):
     [[pack]]
     name = "en-de"
     directions = "en->de"
+
+A GGUF parent (`parent = "path/model.gguf"`) builds with no Hugging Face weights and neither
+torch nor transformers (the `gguf` extra): calibrate in llama.cpp (packager.calibrate_gguf) ->
+plan -> prune-gguf -> quantize (when asked) -> verify -> bundle -> report. Its variants are
+GGUF only (ONNX export and distillation need the safetensors weights); `quant` defaults to the
+parent's own type (the pruned file as prune-gguf writes it) and may add llama.cpp types to
+quantize to when the parent is F32/F16/BF16 (llama.cpp does not re-quantize a quantized file).
 """
 from __future__ import annotations
 
@@ -68,6 +76,8 @@ HASH_LIMIT_BYTES = 1 << 30
 GGUF_BASE_TYPES = {"F16": "f16", "F32": "f32"}
 FORMATS = ("gguf", "onnx")
 ALLOCATIONS = ("uniform", "dynamic", "inverted-dynamic")
+VARIANT_KEYS = ("format", "allocation", "ranker", "quant")
+UNQUANTIZED_GGUF_TYPES = ("F32", "F16", "BF16")  # a GGUF parent of these types may be quantized further
 
 
 class BuildError(PackagerError):
@@ -100,7 +110,7 @@ class PackSpec:
 @dataclass
 class BuildConfig:
     source: Path
-    parent: Path
+    parent: Path                      # a Hugging Face directory or a .gguf file
     packs: list[PackSpec]
     variants: list[Variant]
     calibration_data: list[Path]
@@ -110,6 +120,11 @@ class BuildConfig:
     threads: int | None
     archive: bool
     sha256: str = ""
+    parent_gguf_type: str | None = None   # a GGUF parent's own type ("F16", "Q8_0", ...); None: Hugging Face parent
+
+    @property
+    def gguf_parent(self) -> bool:
+        return self.parent_gguf_type is not None
 
     @property
     def all_pairs(self) -> list[str]:
@@ -175,10 +190,12 @@ def load_build_config(path: str | os.PathLike) -> BuildConfig:
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise BuildError(f"{path}: not valid TOML ({exc})") from None
     known = {"parent", "drop_ratios", "ranker", "threads", "archive", "calibration", "verify", "variant", "pack"}
+    parent, parent_gguf_type = _parent(source, data.get("parent"))
+    if parent_gguf_type is not None:
+        _refuse_distillation(source, data, data.get("parent"))
     unknown = sorted(set(data) - known)
     if unknown:
         raise _fail(source, f"unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    parent = _path(source, data.get("parent"), "parent", "dir")
     default_drops = data.get("drop_ratios", [0.5])
     default_ranker = data.get("ranker", "routing-mass")
 
@@ -210,19 +227,31 @@ def load_build_config(path: str | os.PathLike) -> BuildConfig:
     variants = []
     for i, item in enumerate(data.get("variant", [])):
         where = f"[[variant]] #{i + 1}"
+        if not isinstance(item, dict):
+            raise _fail(source, f"{where} must be a table with format = \"gguf\" or \"onnx\"")
+        extra = sorted(set(item) - set(VARIANT_KEYS))
+        if extra:
+            raise _fail(source, f"{where}: unknown key(s) {', '.join(extra)}; known: {', '.join(VARIANT_KEYS)}")
         fmt = item.get("format")
         if fmt not in FORMATS:
             raise _fail(source, f"{where}: format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        if parent_gguf_type is not None and fmt != "gguf":
+            raise _fail(source, f"{where}: format = {fmt!r} needs a Hugging Face parent, but parent = {data['parent']!r} is a GGUF "
+                                f"({fmt} export reads the safetensors weights); use format = \"gguf\" or name the Hugging Face "
+                                f"checkpoint as parent")
         allocation = item.get("allocation", "uniform" if fmt == "gguf" else "dynamic")
         if allocation not in ALLOCATIONS:
             raise _fail(source, f"{where}: allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
         if fmt == "gguf" and allocation != "uniform":
             raise _fail(source, f"{where}: stock llama.cpp loads one expert count per model, so GGUF needs "
                                 f"allocation = \"uniform\" (use ONNX for {allocation} allocation)")
-        quant = item.get("quant", ["F16"] if fmt == "gguf" else ["fp32"])
+        default_quant = [parent_gguf_type] if parent_gguf_type is not None else ["F16"] if fmt == "gguf" else ["fp32"]
+        quant = item.get("quant", default_quant)
         if not isinstance(quant, list) or not quant or not all(isinstance(q, str) for q in quant):
             raise _fail(source, f"{where}: quant must be a list of quantization types, got {quant!r}")
-        if fmt == "gguf" and sum(q.upper() in GGUF_BASE_TYPES for q in quant) > 1:
+        if parent_gguf_type is not None:
+            quant = _gguf_parent_quant(source, where, quant, parent_gguf_type)
+        elif fmt == "gguf" and sum(q.upper() in GGUF_BASE_TYPES for q in quant) > 1:
             raise _fail(source, f"{where}: give at most one of F16 / F32 (the unquantized export)")
         ranker = item.get("ranker", default_ranker)
         variants.append(Variant(fmt, allocation, ranker, tuple(quant)))
@@ -248,7 +277,66 @@ def load_build_config(path: str | os.PathLike) -> BuildConfig:
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise _fail(source, f"threads must be a positive integer, got {threads!r}")
     return BuildConfig(source, parent, packs, variants, calibration_data, calibration, test_file, verify_settings,
-                       threads, bool(data.get("archive", False)), hashlib.sha256(raw).hexdigest())
+                       threads, bool(data.get("archive", False)), hashlib.sha256(raw).hexdigest(), parent_gguf_type)
+
+
+def _parent(source: Path, value: Any) -> tuple[Path, str | None]:
+    """(parent path, its GGUF type or None): a Hugging Face directory, or a GGUF file checked
+    with gguf-py (family, MoE routers, F32 routers) before anything runs."""
+    path = _path(source, value, "parent")
+    if path.is_dir():
+        return path, None
+    if not path.exists():
+        kind = "GGUF file" if path.suffix == ".gguf" else "directory"
+        raise _fail(source, f"parent = {value!r}: {kind} {path} not found")
+    from converters.gguf.gguf_file import file_type_name, gguf_fingerprint, model_facts, open_gguf
+
+    try:
+        reader = open_gguf(path)
+        facts = model_facts(reader, path)
+        gguf_fingerprint(reader, path)  # routers present and F32: plans and stats can be checked against it
+        file_type = file_type_name(reader, facts)
+    except PackagerError as exc:
+        raise _fail(source, f"parent = {value!r}: {' '.join(str(exc).split())}") from None
+    finally:
+        reader = None
+    if len(set(facts.n_experts.values())) != 1:
+        raise _fail(source, f"parent = {value!r}: layers have different expert counts; give the unpruned parent")
+    return path, file_type.upper()
+
+
+def _refuse_distillation(source: Path, data: dict, parent_value: str) -> None:
+    """Distillation fine-tunes the pruned Hugging Face weights with torch: a GGUF parent has none."""
+    places = ["distill"] if "distill" in data else []
+    places += [f"[[variant]] #{i + 1} distill" for i, item in enumerate(data.get("variant", []))
+               if isinstance(item, dict) and "distill" in item]
+    if places:
+        raise _fail(source, f"{places[0]}: distillation needs a Hugging Face parent (it fine-tunes the pruned safetensors "
+                            f"weights with torch), but parent = {parent_value!r} is a GGUF; remove it or name the "
+                            f"Hugging Face checkpoint as parent")
+
+
+def _gguf_parent_quant(source: Path, where: str, quant: list[str], parent_type: str) -> list[str]:
+    """Quantization types of a GGUF parent's variant: its own type (the pruned file as is) or,
+    for an unquantized parent, a llama.cpp type to quantize to."""
+    from converters.gguf.errors import QuantizeError
+    from converters.gguf.quantize import parse_quant_types
+
+    out: list[str] = []
+    for q in quant:
+        name = q.strip().upper()
+        if name != parent_type:
+            if parent_type not in UNQUANTIZED_GGUF_TYPES:
+                raise _fail(source, f"{where}: quant {q!r}: the GGUF parent is already {parent_type} and llama.cpp does not "
+                                    f"re-quantize a quantized file; use quant = [\"{parent_type}\"] (the parent's own type) "
+                                    f"or an F32/F16 parent")
+            try:
+                parse_quant_types([name])
+            except QuantizeError as exc:
+                raise _fail(source, f"{where}: {exc}") from None
+        if name not in out:
+            out.append(name)
+    return out
 
 
 # -- steps -------------------------------------------------------------------------------------
@@ -356,6 +444,22 @@ def export_model(fmt: str, model_dir: Path, out_dir: Path, quant: Sequence[str],
     raise BuildError(f"unknown format {fmt!r}")
 
 
+def gguf_parent_files(model_file: Path, out_dir: Path, quant: Sequence[str], own_type: str) -> dict[str, Path]:
+    """A GGUF parent's variant: quantization -> file; its own type is `model_file` itself, any
+    other type a llama.cpp-quantized copy in `out_dir` (model.Q8_0.gguf)."""
+    from converters.gguf.export import quantized_path
+
+    return {q: model_file if q == own_type else quantized_path(out_dir / "model.gguf", q) for q in quant}
+
+
+def quantize_files(model_file: Path, files: dict[str, Path], threads: int | None) -> None:
+    from converters.gguf.quantize import quantize_gguf
+
+    for q, out_file in files.items():
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        quantize_gguf(model_file, out_file, q, force=True, n_threads=threads)
+
+
 def expected_exports(fmt: str, out_dir: Path, quant: Sequence[str]) -> dict[str, Path]:
     if fmt == "gguf":
         return _gguf_outputs(out_dir / "model.gguf", quant)[2]
@@ -430,7 +534,7 @@ def _build(config: BuildConfig, run_dir: Path, *, dry_run: bool, console, comman
     runner = StepRunner(run_dir, console)
     steps: list[Step] = []
     inputs = {
-        "parent": _dir_key(config.parent),
+        "parent": {config.parent.name: _file_key(config.parent)} if config.gguf_parent else _dir_key(config.parent),
         "calibration_data": {str(p): _file_key(p) for p in config.calibration_data},
         "test": _file_key(config.test_file),
     }
@@ -442,12 +546,22 @@ def _build(config: BuildConfig, run_dir: Path, *, dry_run: bool, console, comman
                           "settings": config.calibration}
 
     def calibrate_step() -> None:
-        from packager.calibrate import CalibrationSettings, calibrate
         from runtime.languages import parse_pair
 
         stats_path.parent.mkdir(parents=True, exist_ok=True)
-        settings = CalibrationSettings(pairs=tuple(parse_pair(p).slug for p in config.all_pairs), **config.calibration)
-        stats = calibrate(config.parent, config.calibration_data, settings, command=command, show_progress=True)
+        pairs = tuple(parse_pair(p).slug for p in config.all_pairs)
+        if config.gguf_parent:  # inside llama.cpp: neither torch nor transformers
+            from packager.calibrate_gguf import calibrate_gguf
+            from packager.calibration_data import CalibrationSettings
+
+            settings = CalibrationSettings(pairs=pairs, **config.calibration)
+            stats = calibrate_gguf(config.parent, config.calibration_data, settings, command=command, show_progress=True,
+                                   n_threads=threads)
+        else:
+            from packager.calibrate import CalibrationSettings, calibrate
+
+            settings = CalibrationSettings(pairs=pairs, **config.calibration)
+            stats = calibrate(config.parent, config.calibration_data, settings, command=command, show_progress=True)
         stats.save(stats_path)
 
     steps.append(Step("calibrate", f"calibrate {config.parent.name} on {', '.join(config.all_pairs)}",
@@ -473,11 +587,19 @@ def _build(config: BuildConfig, run_dir: Path, *, dry_run: bool, console, comman
     for fmt in dict.fromkeys(v.format for v in config.variants):
         quant = tuple(dict.fromkeys(q for v in config.variants if v.format == fmt for q in v.quant))
         out_dir = run_dir / "parent" / fmt
-        files = expected_exports(fmt, out_dir, quant)
         export_inputs = {"model": inputs["parent"], "format": fmt, "quant": quant, "threads": threads}
-        steps.append(Step(f"parent/{fmt}/export", f"export parent to {fmt} {', '.join(quant)}", export_inputs,
-                          list(files.values()),
-                          (lambda fmt=fmt, out_dir=out_dir, quant=quant: export_model(fmt, config.parent, out_dir, quant, threads))))
+        if config.gguf_parent:  # the parent file itself, plus what it is quantized to
+            files = gguf_parent_files(config.parent, out_dir, quant, config.parent_gguf_type)
+            quantized = {q: f for q, f in files.items() if f != config.parent}
+            if quantized:
+                steps.append(Step(f"parent/{fmt}/quantize", f"quantize parent to {', '.join(quantized)}", export_inputs,
+                                  list(quantized.values()),
+                                  (lambda quantized=quantized: quantize_files(config.parent, quantized, threads))))
+        else:
+            files = expected_exports(fmt, out_dir, quant)
+            steps.append(Step(f"parent/{fmt}/export", f"export parent to {fmt} {', '.join(quant)}", export_inputs,
+                              list(files.values()),
+                              (lambda fmt=fmt, out_dir=out_dir, quant=quant: export_model(fmt, config.parent, out_dir, quant, threads))))
         for q, model_file in files.items():
             out = out_dir / f"{q}.metrics.json"
             labels = {"role": "parent", "name": f"parent {fmt} {q}", "pack": "parent"}
@@ -502,18 +624,31 @@ def _build(config: BuildConfig, run_dir: Path, *, dry_run: bool, console, comman
                 if (variant.allocation, variant.ranker) not in plans_done:
                     steps.append(Step(f"{pack.name}/{base.name}/plan", f"plan {pack.name} drop {drop:.0%} {variant.ranker}/{variant.allocation}",
                                       plan_inputs, [plan_path], _plan_runner(stats_path, plan_path, pack, drop, variant, command)))
+                    if config.gguf_parent:  # prune-gguf: the pruned GGUF in the parent's own type
+                        pruned_dir = base / "gguf" / "model.gguf"
+                        prune_run = _prune_gguf_runner(config.parent, plan_path, pruned_dir)
+                    else:
+                        prune_run = _prune_runner(config.parent, plan_path, pruned_dir)
                     steps.append(Step(f"{pack.name}/{base.name}/prune", f"prune {pack.name} drop {drop:.0%} {variant.allocation}",
-                                      {"plan": plan_key, "parent": inputs["parent"]}, [pruned_dir],
-                                      _prune_runner(config.parent, plan_path, pruned_dir)))
+                                      {"plan": plan_key, "parent": inputs["parent"]}, [pruned_dir], prune_run))
                     plans_done[(variant.allocation, variant.ranker)] = (pruned_dir, plan_key)
                 pruned_dir, plan_key = plans_done[(variant.allocation, variant.ranker)]
                 export_dir = base / variant.format
-                files = expected_exports(variant.format, export_dir, variant.quant)
                 export_inputs = {"plan": plan_key, "format": variant.format, "quant": variant.quant, "threads": threads}
-                steps.append(Step(f"{pack.name}/{base.name}/{variant.format}/export",
-                                  f"export {pack.name} drop {drop:.0%} to {variant.format} {', '.join(variant.quant)}",
-                                  export_inputs, list(files.values()),
-                                  (lambda v=variant, d=export_dir, p=pruned_dir: export_model(v.format, p, d, v.quant, threads))))
+                if config.gguf_parent:
+                    files = gguf_parent_files(pruned_dir, export_dir, variant.quant, config.parent_gguf_type)
+                    quantized = {q: f for q, f in files.items() if f != pruned_dir}
+                    if quantized:
+                        steps.append(Step(f"{pack.name}/{base.name}/{variant.format}/quantize",
+                                          f"quantize {pack.name} drop {drop:.0%} to {', '.join(quantized)}",
+                                          export_inputs, list(quantized.values()),
+                                          (lambda p=pruned_dir, quantized=quantized: quantize_files(p, quantized, threads))))
+                else:
+                    files = expected_exports(variant.format, export_dir, variant.quant)
+                    steps.append(Step(f"{pack.name}/{base.name}/{variant.format}/export",
+                                      f"export {pack.name} drop {drop:.0%} to {variant.format} {', '.join(variant.quant)}",
+                                      export_inputs, list(files.values()),
+                                      (lambda v=variant, d=export_dir, p=pruned_dir: export_model(v.format, p, d, v.quant, threads))))
                 for q, model_file in files.items():
                     name = f"{pack.name}-{variant.format}-{q}-{_drop_slug(drop)}-{variant.allocation}"
                     metrics_path = export_dir / f"{q}.metrics.json"
@@ -585,6 +720,15 @@ def _prune_runner(parent: Path, plan_path: Path, pruned_dir: Path):
         from packager.prune import prune_checkpoint
 
         prune_checkpoint(parent, plan_path, pruned_dir, force=True, progress=True)
+    return run
+
+
+def _prune_gguf_runner(parent: Path, plan_path: Path, out_file: Path):
+    def run() -> None:
+        from converters.gguf.prune_gguf import prune_gguf
+
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        prune_gguf(parent, plan_path, out_file, force=True, progress=True)
     return run
 
 

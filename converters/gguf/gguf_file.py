@@ -111,3 +111,22 @@ def gguf_fingerprint(reader, path: str | Path) -> str:
     routers = (router_array(reader, facts, layer_idx) for layer_idx in facts.moe_layers)
     return fingerprint_from_parts(facts.family, facts.moe_layers, [facts.n_experts[i] for i in facts.moe_layers],
                                   facts.top_k, routers)
+
+
+def file_type_name(reader, facts: GGUFModelFacts | None = None) -> str:
+    """The file's type as llama.cpp's quantizer names it ("F32", "F16", "Q8_0", "Q4_K_M"):
+    `general.file_type`, else the tensor type of the first MoE layer's experts."""
+    from gguf import LlamaFileType
+
+    file_type = field_value(reader, "general.file_type")
+    if file_type is not None:
+        try:
+            return LlamaFileType(int(file_type)).name.replace("MOSTLY_", "").replace("ALL_", "")
+        except (TypeError, ValueError):
+            pass
+    if facts is not None:
+        names = set(facts.fam.expert_names(facts.moe_layers[0]).values())
+        for tensor in reader.tensors:
+            if tensor.name in names:
+                return tensor.tensor_type.name
+    return "unknown"
