@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup test demo data-eval data-full train-default eval-default bench bench-prune experiments clean
+.PHONY: setup test demo data-eval data-full data-v1 train-default eval-default bench bench-prune experiments clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,7 +14,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Small harvest (LibreOffice catalogs only): a subset of the full test split, enough to evaluate.
+# Small harvest (LibreOffice catalogs only). Either harvest writes the same fixed evaluation split
+# data/harvest/eval/{dev,test}.jsonl (hashes in eval/SPLIT.json) and the held-out unseen.jsonl.
+# Package versions are pinned in models/harvest_lock.json; a moved version is named in the output.
 data/harvest/DATA_CARD.json: | $(STAMP)
 	$(PY) -m models.harvest --set eval --out data/harvest --cache data/cache
 
@@ -23,6 +25,10 @@ data-eval: data/harvest/DATA_CARD.json
 data-full: $(STAMP)
 	$(PY) -m models.harvest --set full --out data/harvest --cache data/cache --force
 
+# The first harvest's package list (phases 1-2 of the default were trained on it).
+data-v1: $(STAMP)
+	$(PY) -m models.harvest --set v1 --out data/harvest-v1 --cache data/cache
+
 test: $(STAMP) data-eval
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -x tests
 
@@ -30,14 +36,26 @@ demo: $(STAMP) data-eval
 	$(VENV)/bin/packager build packs/demo.toml --out runs/demo
 	@echo "report: runs/demo/report/index.html"
 
-# Two phases, as the shipped weights were trained (about 3 hours alone on 2 cores): all 12
-# directions evenly, then the same run extended with en->de,fr,es pairs seen three times.
-train-default: data-full
-	$(PY) -m models.train_default --minutes 90 --out models/default
-	$(PY) -m models.train_default --minutes 165 --focus de,fr,es --focus-repeat 2 --out models/default
+# The default's recipe. Phases 1-2 (the shipped weights, about 3 hours alone on 2 cores): all 12
+# directions evenly on the first harvest, then en->de,fr,es pairs seen three times. Phase 3 (issue 16):
+# warm start from phase 2 on the full harvest, warmup-stable-decay schedule by tokens, EMA weights,
+# longer strings weighted up; resumable: re-run the same command (checkpoints in $(TRAIN_WORK)).
+TRAIN_WORK ?= data/train_default
+TRAIN_THREADS ?= 2
+PHASE3_TOKENS ?= 120e6
+train-default: data-full data-v1
+	$(PY) -m models.train_default --data data/harvest-v1 --work $(TRAIN_WORK)/phase12 --minutes 90 \
+		--out $(TRAIN_WORK)/phase1-model
+	$(PY) -m models.train_default --data data/harvest-v1 --work $(TRAIN_WORK)/phase12 --minutes 165 \
+		--focus de,fr,es --focus-repeat 2 --out $(TRAIN_WORK)/phase2-model
+	$(PY) -m models.train_default --data data/harvest --work $(TRAIN_WORK)/phase3 --init $(TRAIN_WORK)/phase2-model \
+		--schedule wsd --max-tokens $(PHASE3_TOKENS) --warmup-tokens 1e6 --decay-fraction 0.2 --lr 8e-4 \
+		--ema 0.999 --export-weights ema --length-weighting --focus de,fr,es --focus-repeat 1 \
+		--monitor data/harvest/unseen.jsonl --threads $(TRAIN_THREADS) --checkpoint-minutes 10 --eval-minutes 30 \
+		--eval-examples 1000 --out models/default
 
 eval-default: $(STAMP) data-eval
-	$(PY) -m models.evaluate_default --model models/default --data data/harvest --out models/default/EVAL.json
+	$(PY) -m models.evaluate_default --model models/default --data data/harvest --splits eval,test,unseen --per-direction 200 --out models/default/EVAL.json
 
 bench: $(STAMP)
 	$(PY) -m bench.run_all

@@ -8,9 +8,21 @@ Steps (each resumable; state lives under --work, outside git):
      AdamW with warmup + cosine driven by elapsed wall time, Switch-style balance loss;
   3. the final weights (bf16 safetensors), tokenizer and chat template go to --out.
 
-Checkpoints are safetensors (model and optimizer moments) plus JSON: no pickle.
+Checkpoints are safetensors (model, optimizer moments, EMA weights) plus JSON: no pickle. A run
+resumes from --work/ckpt whenever it is started again with the same --work; keep --work outside
+the repository for long runs (e.g. /work/train-default/phase3).
+
+Schedules:
+  time-cosine  (phases 1-2 of the shipped weights) warmup + cosine over --minutes of step time;
+  wsd          warmup, a constant learning rate, then a linear decay over the last --decay-fraction
+               of --max-tokens. The rate depends on tokens seen, not wall time, so a run can stop
+               (--stop-minutes) and resume in any later session; --max-tokens may be raised on resume
+               while the run is still in the constant part. An exponential moving average of the
+               weights (--ema) is kept as a cheap checkpoint average; --export-weights ema ships it.
 
 Usage: python -m models.train_default --minutes 80 [--work data/train_default] [--out models/default]
+       python -m models.train_default --schedule wsd --init models/default --max-tokens 150e6 \
+           --stop-minutes 90 --work /work/train-default/phase3 --out /work/train-default/phase3-model
 """
 from __future__ import annotations
 
@@ -85,24 +97,51 @@ def train_tokenizer(records: list[dict], out_dir: Path, vocab_size: int) -> None
         assert fast.convert_tokens_to_ids(token) == index, token
 
 
-def encode_examples(tokenizer, records: list[dict], both_ways: bool = True) -> list[tuple[list[int], int]]:
-    """(token ids, prompt length) per direction; prompts are masked out of the loss."""
+def encode_examples(tokenizer, records: list[dict], both_ways: bool = True, weights: list | None = None) -> list[tuple[list[int], int]]:
+    """(token ids, prompt length) per direction; prompts are masked out of the loss. When `weights`
+    is a list, the length weight of each kept example is appended to it."""
     rows = list(directions(records)) if both_ways else [(r["src_lang"], r["tgt_lang"], r["src"], r["tgt"]) for r in records]
     src_ids = tokenizer([r[2] for r in rows], add_special_tokens=False)["input_ids"]
     tgt_ids = tokenizer([r[3] for r in rows], add_special_tokens=False)["input_ids"]
     bos, eos, sep = (tokenizer.convert_tokens_to_ids(t) for t in ("<|bos|>", "<|eos|>", "<|sep|>"))
     examples = []
-    for (s_lang, t_lang, _, _), s, t in zip(rows, src_ids, tgt_ids):
+    for (s_lang, t_lang, s_text, t_text), s, t in zip(rows, src_ids, tgt_ids):
         prompt = [bos, tokenizer.convert_tokens_to_ids(f"<|{s_lang}|>"), tokenizer.convert_tokens_to_ids(f"<|{t_lang}|>")] + s + [sep]
         ids = prompt + t + [eos]
         if len(ids) <= MAX_TOKENS:
             examples.append((ids, len(prompt)))
+            if weights is not None:
+                weights.append(length_weight(s_text if s_lang == "en" else t_text))
     return examples
 
 
-def bucketed_batches(examples, tokens_per_batch: int, rng: random.Random):
+def length_weight(english: str) -> float:
+    """How often a pair is seen per epoch, by the length of its English side: UI labels of one or
+    two words are plentiful and easy, sentences are rare and where the model fails."""
+    words = len(english.split())
+    if words <= 2:
+        return 0.6
+    if words <= 7:
+        return 1.0
+    if words <= 15:
+        return 1.6
+    return 2.2
+
+
+def epoch_order(weights: list[float] | None, n: int, rng: random.Random) -> list[int]:
+    """Example indices of one epoch: each example floor(w) times plus once more with probability frac(w)."""
+    if weights is None:
+        return list(range(n))
+    order = []
+    for i, w in enumerate(weights):
+        copies = int(w) + (1 if rng.random() < w - int(w) else 0)
+        order.extend([i] * copies)
+    return order
+
+
+def bucketed_batches(examples, tokens_per_batch: int, rng: random.Random, weights: list[float] | None = None):
     """Sort by length inside large random windows, cut into ~equal-token batches, shuffle."""
-    order = list(range(len(examples)))
+    order = epoch_order(weights, len(examples), rng)
     rng.shuffle(order)
     window = 20000
     batches = []
@@ -137,12 +176,14 @@ def collate(examples, batch, pad_id: int):
     return ids, labels, mask
 
 
-def save_checkpoint(work: Path, model, optimizer, state: dict) -> None:
+def save_checkpoint(work: Path, model, optimizer, state: dict, ema: dict | None = None) -> None:
     from safetensors.torch import save_file, save_model
 
     tmp = work / "ckpt.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     save_model(model, str(tmp / "model.safetensors"))  # handles the tied embedding / lm_head
+    if ema is not None:
+        save_file({name: t.contiguous() for name, t in ema.items()}, str(tmp / "ema.safetensors"))
     moments = {}
     names = {id(p): n for n, p in model.named_parameters()}
     for group in optimizer.param_groups:
@@ -163,6 +204,30 @@ def save_checkpoint(work: Path, model, optimizer, state: dict) -> None:
         for f in old.iterdir():
             f.unlink()
         old.rmdir()
+
+
+def load_ema(work: Path) -> dict | None:
+    from safetensors.torch import load_file
+
+    path = work / "ckpt" / "ema.safetensors"
+    return load_file(str(path)) if path.exists() else None
+
+
+def init_from(model, source: Path) -> None:
+    """Warm start: the weights of an exported model directory (same shape and vocabulary). Loaded
+    through transformers, which fuses the per-expert tensors of the file into the in-memory layout."""
+    import torch
+    from transformers import Qwen3MoeForCausalLM
+
+    loaded = Qwen3MoeForCausalLM.from_pretrained(source, dtype=torch.float32).state_dict()
+    own = model.state_dict()
+    for name, tensor in own.items():
+        if name not in loaded or loaded[name].shape != tensor.shape:
+            found = tuple(loaded[name].shape) if name in loaded else "nothing"
+            raise SystemExit(f"error: --init {source}: {name} is {found}, this recipe builds {tuple(tensor.shape)}")
+    with torch.no_grad():
+        for name, tensor in own.items():
+            tensor.copy_(loaded[name])
 
 
 def load_checkpoint(work: Path, model, optimizer) -> dict | None:
@@ -190,7 +255,38 @@ def lr_at(progress: float, peak: float, warmup: float = 0.03, floor: float = 0.0
     return peak * (floor + (1 - floor) * cosine)
 
 
+def lr_wsd(tokens: float, peak: float, max_tokens: float, warmup_tokens: float, decay_fraction: float,
+           floor: float = 0.1) -> float:
+    """Warmup-stable-decay by tokens seen: linear warmup, constant, linear decay to floor * peak."""
+    if tokens < warmup_tokens:
+        return peak * max(tokens, 1.0) / warmup_tokens
+    decay_start = max_tokens * (1 - decay_fraction)
+    if tokens < decay_start:
+        return peak
+    progress = min(1.0, (tokens - decay_start) / max(1.0, max_tokens - decay_start))
+    return peak * (1 - (1 - floor) * progress)
+
+
+def target_loss(model, ids, labels, mask):
+    """Cross-entropy on target tokens only, with the LM head applied only where a target is
+    predicted (the prompt half of every row skips the 12k-way projection), plus the Switch-style
+    balance loss of the routers. Returns (total loss, cross-entropy)."""
+    import torch
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    out = model.model(input_ids=ids, attention_mask=mask, output_router_logits=True)
+    shifted = labels[:, 1:]
+    where = shifted != -100
+    hidden = out.last_hidden_state[:, :-1][where]
+    logits = model.lm_head(hidden)
+    ce = torch.nn.functional.cross_entropy(logits.float(), shifted[where])
+    config = model.config
+    aux = load_balancing_loss_func(out.router_logits, config.num_experts, config.num_experts_per_tok, mask)
+    return ce + config.router_aux_loss_coef * aux, ce
+
+
 def dev_loss(model, examples, pad_id: int, limit: int = 1500) -> float:
+    """Mean cross-entropy per target token over the first `limit` examples (LM head on targets only)."""
     import torch
 
     model.eval()
@@ -200,10 +296,12 @@ def dev_loss(model, examples, pad_id: int, limit: int = 1500) -> float:
         for start in range(0, len(subset), 64):
             batch = list(range(start, min(start + 64, len(subset))))
             ids, labels, mask = collate(subset, batch, pad_id)
-            out = model(input_ids=ids, attention_mask=mask, labels=labels)
-            n = int((labels[:, 1:] != -100).sum())
-            total += float(out.loss) * n
-            count += n
+            hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+            shifted = labels[:, 1:]
+            where = shifted != -100
+            logits = model.lm_head(hidden[where])
+            total += float(torch.nn.functional.cross_entropy(logits.float(), shifted[where], reduction="sum"))
+            count += int(where.sum())
     model.train()
     return total / max(count, 1)
 
@@ -213,7 +311,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=Path("data/harvest"))
     parser.add_argument("--work", type=Path, default=Path("data/train_default"))
     parser.add_argument("--out", type=Path, default=Path("models/default"))
-    parser.add_argument("--minutes", type=float, default=80.0, help="wall-time budget of the whole schedule")
+    parser.add_argument("--minutes", type=float, default=80.0,
+                        help="time-cosine: wall-time budget of the whole schedule (step time, summed over resumes)")
+    parser.add_argument("--schedule", choices=("time-cosine", "wsd"), default="time-cosine")
+    parser.add_argument("--max-tokens", type=float, default=150e6, help="wsd: tokens (prompt + target) of the whole run")
+    parser.add_argument("--warmup-tokens", type=float, default=1e6, help="wsd: linear warmup length")
+    parser.add_argument("--decay-fraction", type=float, default=0.2, help="wsd: final share of --max-tokens that decays")
+    parser.add_argument("--stop-minutes", type=float, default=None,
+                        help="stop (checkpoint, export) after this many wall minutes of this invocation; resume later")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="warm start from an exported model directory (its tokenizer and weights); "
+                             "used only when --work holds no checkpoint yet")
+    parser.add_argument("--ema", type=float, default=0.0, help="EMA decay per step of the averaged weights (0 = off)")
+    parser.add_argument("--export-weights", choices=("live", "ema"), default="live")
+    parser.add_argument("--length-weighting", action="store_true",
+                        help="see pairs by the length of their English side: 1-2 words 0.6x, 8-15 1.6x, 16+ 2.2x per epoch")
+    parser.add_argument("--monitor", type=Path, default=None,
+                        help="also log the loss on this JSONL (e.g. unseen.jsonl) at checkpoints; never trained on")
     parser.add_argument("--vocab", type=int, default=12000)
     parser.add_argument("--tokens-per-batch", type=int, default=6000)
     parser.add_argument("--lr", type=float, default=1.5e-3)
@@ -224,12 +338,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--focus-repeat", type=int, default=2,
                         help="extra copies per epoch of each focus pair in the en->X direction")
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    parser.add_argument("--eval-minutes", type=float, default=None,
+                        help="log dev (and monitor) losses at most this often (default: at every checkpoint)")
+    parser.add_argument("--eval-examples", type=int, default=1500, help="examples per dev / monitor loss")
     parser.add_argument("--export-only", action="store_true",
                         help="write the latest checkpoint to --out without training (e.g. to try an intermediate model)")
     args = parser.parse_args(argv)
 
     import torch
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.set_num_threads(args.threads)
@@ -243,24 +359,44 @@ def main(argv: list[str] | None = None) -> int:
         log.write(line + "\n")
         log.flush()
 
-    train = read_pairs(args.data / "train.jsonl")
-    dev = read_pairs(args.data / "dev.jsonl")
+    say("command: " + " ".join(sys.argv))
     tok_dir = args.work / "tokenizer"
     if not (tok_dir / "tokenizer.json").exists():
-        say(f"training tokenizer (vocab {args.vocab}) on {len(train)} pairs")
-        train_tokenizer(train, tok_dir, args.vocab)
+        if args.init is not None:
+            AutoTokenizer.from_pretrained(args.init).save_pretrained(tok_dir)
+            say(f"tokenizer from {args.init}")
+        else:
+            train = read_pairs(args.data / "train.jsonl")
+            say(f"training tokenizer (vocab {args.vocab}) on {len(train)} pairs")
+            train_tokenizer(train, tok_dir, args.vocab)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    config = Qwen3MoeConfig(**model_config(len(tokenizer)))
+    model = Qwen3MoeForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    state = load_checkpoint(args.work, model, optimizer)
+    ema = load_ema(args.work) if state is not None else None
     if args.export_only:
-        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**model_config(len(tokenizer))))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-        state = load_checkpoint(args.work, model, optimizer)
         if state is None:
             raise SystemExit(f"error: no checkpoint in {args.work / 'ckpt'}; train first")
-        export(model, tokenizer, args.out, state, args)
-        say(f"exported step {state['step']} to {args.out}")
+        export(model, tokenizer, args.out, state, args, ema)
+        say(f"exported step {state['step']} ({args.export_weights} weights) to {args.out}")
         return 0
+    if state is None:
+        state = {"elapsed": 0.0, "epoch": 0, "batch": 0, "step": 0, "tokens": 0}
+        if args.init is not None:
+            init_from(model, args.init)
+            state["init"] = str(args.init)
+            say(f"warm start from {args.init}")
+    else:
+        say(f"resumed at step {state['step']} ({state['elapsed'] / 60:.1f} min, {state['tokens'] / 1e6:.1f}M tokens)")
+    if args.ema and ema is None:
+        ema = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    train = read_pairs(args.data / "train.jsonl")
+    dev = read_pairs(args.data / "dev.jsonl")
     say("encoding examples")
-    train_examples = encode_examples(tokenizer, train)
+    weights: list[float] | None = [] if args.length_weighting else None
+    train_examples = encode_examples(tokenizer, train, weights=weights)
     focus = [code for code in args.focus.split(",") if code]
     if focus:
         # The quality bar is on en->de/fr/es: those directions get extra passes, the rest keep one.
@@ -268,67 +404,141 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise SystemExit(f"error: --focus {','.join(unknown)}: not a target language of the model {MODEL_LANGS[1:]}")
         focus_records = [r for r in train if r["src_lang"] == "en" and r["tgt_lang"] in focus]
-        train_examples += encode_examples(tokenizer, focus_records, both_ways=False) * args.focus_repeat
+        extra_weights: list[float] | None = [] if weights is not None else None
+        extra = encode_examples(tokenizer, focus_records, both_ways=False, weights=extra_weights)
+        train_examples += extra * args.focus_repeat
+        if weights is not None:
+            weights += extra_weights * args.focus_repeat
     dev_examples = encode_examples(tokenizer, dev)
     random.Random(args.seed).shuffle(dev_examples)
-    say(f"{len(train_examples)} training examples, {len(dev_examples)} dev examples")
-
-    config = Qwen3MoeConfig(**model_config(len(tokenizer)))
-    model = Qwen3MoeForCausalLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    state = load_checkpoint(args.work, model, optimizer) or {"elapsed": 0.0, "epoch": 0, "batch": 0, "step": 0, "tokens": 0}
-    if state["step"]:
-        say(f"resumed at step {state['step']} ({state['elapsed'] / 60:.1f} min)")
+    monitor_examples = []
+    if args.monitor is not None:
+        monitor_records = read_pairs(args.monitor)
+        monitor_records = random.Random(args.seed).sample(monitor_records, min(len(monitor_records), args.eval_examples))
+        monitor_examples = encode_examples(tokenizer, monitor_records)
+        random.Random(args.seed).shuffle(monitor_examples)
+    per_epoch = sum(weights) if weights is not None else len(train_examples)
+    say(f"{len(train_examples)} training examples ({per_epoch:.0f} per epoch after weighting), "
+        f"{len(dev_examples)} dev examples, {len(monitor_examples)} monitor examples")
     n_params = sum(p.numel() for p in model.parameters())
-    say(f"model: {n_params / 1e6:.2f}M parameters")
+    say(f"model: {n_params / 1e6:.2f}M parameters; schedule {args.schedule}, {args.threads} thread(s)")
 
-    budget = args.minutes * 60
+    def learning_rate() -> float:
+        if args.schedule == "wsd":
+            return lr_wsd(state["tokens"], args.lr, args.max_tokens, args.warmup_tokens, args.decay_fraction)
+        return lr_at(state["elapsed"] / (args.minutes * 60), args.lr)
+
+    def finished() -> bool:
+        if args.schedule == "wsd":
+            return state["tokens"] >= args.max_tokens
+        return state["elapsed"] >= args.minutes * 60
+
+    last_eval = [time.time()]
+
+    def checkpoint(reason: str, evaluate: bool = True) -> None:
+        if not evaluate:
+            save_checkpoint(args.work, model, optimizer, state, ema)
+            say(f"{reason} step {state['step']} tokens {state['tokens'] / 1e6:.2f}M (losses not evaluated)")
+            return
+        last_eval[0] = time.time()
+        n = args.eval_examples
+        state["dev_loss"] = dev_loss(model, dev_examples, pad_id, n)
+        line = f"{reason} step {state['step']} tokens {state['tokens'] / 1e6:.2f}M dev loss {state['dev_loss']:.3f}"
+        if monitor_examples:
+            state["monitor_loss"] = dev_loss(model, monitor_examples, pad_id, n)
+            line += f" monitor loss {state['monitor_loss']:.3f}"
+        if ema is not None:
+            live = {n: p.detach().clone() for n, p in model.named_parameters()}
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    p.copy_(ema[n])
+            state["ema_dev_loss"] = dev_loss(model, dev_examples, pad_id, n)
+            line += f" | ema dev loss {state['ema_dev_loss']:.3f}"
+            if monitor_examples:
+                state["ema_monitor_loss"] = dev_loss(model, monitor_examples, pad_id, n)
+                line += f" monitor {state['ema_monitor_loss']:.3f}"
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    p.copy_(live[n])
+        state.setdefault("history", []).append({k: state.get(k) for k in (
+            "step", "tokens", "elapsed", "dev_loss", "monitor_loss", "ema_dev_loss", "ema_monitor_loss")})
+        save_checkpoint(args.work, model, optimizer, state, ema)
+        say(line)
+
     pad_id = tokenizer.pad_token_id
+    if state["step"] == 0:  # the starting point (a warm start's losses on the new data)
+        start_line = f"start dev loss {dev_loss(model, dev_examples, pad_id, args.eval_examples):.3f}"
+        if monitor_examples:
+            start_line += f" monitor loss {dev_loss(model, monitor_examples, pad_id, args.eval_examples):.3f}"
+        say(start_line)
     model.train()
+    invocation_start = time.time()
     last_ckpt = time.time()
-    with Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), transient=False) as progress:
-        task = progress.add_task("train", total=budget, completed=state["elapsed"], info="")
-        while state["elapsed"] < budget:
-            batches = bucketed_batches(train_examples, args.tokens_per_batch, random.Random(args.seed + state["epoch"]))
-            while state["batch"] < len(batches) and state["elapsed"] < budget:
-                started = time.time()
-                ids, labels, mask = collate(train_examples, batches[state["batch"]], pad_id)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(state["elapsed"] / budget, args.lr)
-                out = model(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True)
-                out.loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                state["batch"] += 1
-                state["step"] += 1
-                state["tokens"] += int(mask.sum())
-                state["elapsed"] += time.time() - started
-                progress.update(task, completed=state["elapsed"], info=f"step {state['step']} loss {float(out.loss):.3f}")
-                if state["step"] % 100 == 0:
-                    say(f"step {state['step']} epoch {state['epoch']} loss {float(out.loss):.3f} "
-                        f"lr {optimizer.param_groups[0]['lr']:.2e} tokens {state['tokens']} elapsed {state['elapsed'] / 60:.1f}m")
-                if time.time() - last_ckpt > args.checkpoint_minutes * 60:
-                    state["dev_loss"] = dev_loss(model, dev_examples, pad_id)
-                    say(f"checkpoint step {state['step']} dev loss {state['dev_loss']:.3f}")
-                    save_checkpoint(args.work, model, optimizer, state)
-                    last_ckpt = time.time()
-            if state["batch"] >= len(batches):
-                state["epoch"] += 1
-                state["batch"] = 0
-    state["dev_loss"] = dev_loss(model, dev_examples, pad_id)
-    save_checkpoint(args.work, model, optimizer, state)
-    say(f"finished: step {state['step']} tokens {state['tokens']} dev loss {state['dev_loss']:.3f}")
-    export(model, tokenizer, args.out, state, args)
+    window_tokens, window_time = 0, 0.0
+    stop = False
+    while not finished() and not stop:
+        batches = bucketed_batches(train_examples, args.tokens_per_batch, random.Random(args.seed + state["epoch"]), weights)
+        while state["batch"] < len(batches) and not finished():
+            if args.stop_minutes is not None and time.time() - invocation_start > args.stop_minutes * 60:
+                stop = True
+                break
+            started = time.time()
+            ids, labels, mask = collate(train_examples, batches[state["batch"]], pad_id)
+            lr = learning_rate()
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, ce = target_loss(model, ids, labels, mask)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                with torch.no_grad():
+                    for n, p in model.named_parameters():
+                        ema[n].lerp_(p.detach(), 1 - args.ema)
+            state["batch"] += 1
+            state["step"] += 1
+            tokens = int(mask.sum())
+            state["tokens"] += tokens
+            spent = time.time() - started
+            state["elapsed"] += spent
+            window_tokens += tokens
+            window_time += spent
+            if state["step"] % 100 == 0:
+                say(f"step {state['step']} epoch {state['epoch']} ce {ce.item():.3f} lr {lr:.2e} "
+                    f"tokens {state['tokens'] / 1e6:.2f}M elapsed {state['elapsed'] / 60:.1f}m "
+                    f"{window_tokens / max(window_time, 1e-9):.0f} tok/s")
+                window_tokens, window_time = 0, 0.0
+            if time.time() - last_ckpt > args.checkpoint_minutes * 60:
+                due = args.eval_minutes is None or time.time() - last_eval[0] > args.eval_minutes * 60
+                checkpoint("checkpoint", evaluate=due)
+                last_ckpt = time.time()
+        if state["batch"] >= len(batches):
+            state["epoch"] += 1
+            state["batch"] = 0
+    checkpoint("finished" if finished() else "stopped")
+    export(model, tokenizer, args.out, state, args, ema)
+    say(f"exported step {state['step']} ({args.export_weights} weights) to {args.out}")
     return 0
 
 
-def export(model, tokenizer, out: Path, state: dict, args) -> None:
+def export(model, tokenizer, out: Path, state: dict, args, ema: dict | None = None) -> None:
     """Write the shipped model: bf16 safetensors, tokenizer, chat template, training record."""
+    import shutil
+
     import torch
 
+    live = None
+    if getattr(args, "export_weights", "live") == "ema":
+        if ema is None:
+            raise SystemExit("error: --export-weights ema: the checkpoint holds no EMA weights (train with --ema)")
+        live = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(ema[n])
     tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
     model.config.output_router_logits = False
     model.to(torch.bfloat16).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
@@ -338,14 +548,22 @@ def export(model, tokenizer, out: Path, state: dict, args) -> None:
     config["num_experts"] = config["num_local_experts"]
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     record = {"steps": state["step"], "tokens": state["tokens"], "train_minutes": round(state["elapsed"] / 60, 1),
-              "dev_loss": state["dev_loss"], "seed": args.seed, "lr": args.lr, "tokens_per_batch": args.tokens_per_batch,
-              "threads": args.threads, "focus": args.focus, "focus_repeat": args.focus_repeat, "command": " ".join(sys.argv)}
+              "dev_loss": state.get("ema_dev_loss" if live is not None else "dev_loss"), "seed": args.seed, "lr": args.lr,
+              "tokens_per_batch": args.tokens_per_batch, "threads": args.threads, "focus": args.focus,
+              "focus_repeat": args.focus_repeat, "schedule": args.schedule, "weights": getattr(args, "export_weights", "live"),
+              "init": state.get("init"), "command": " ".join(sys.argv)}
+    if args.schedule == "wsd":
+        record.update(max_tokens=args.max_tokens, warmup_tokens=args.warmup_tokens, decay_fraction=args.decay_fraction,
+                      ema=args.ema, length_weighting=args.length_weighting)
     (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     if out.exists():
-        import shutil
         shutil.rmtree(out)
     tmp.rename(out)
     model.to(torch.float32)
+    if live is not None:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(live[n])
 
 
 if __name__ == "__main__":
