@@ -151,6 +151,10 @@ class CheckpointReader:
                 self._tensors[name] = info
         if self._weight_map is not None:
             self._check_index()
+        from packager.quant_formats import scheme_from_config
+
+        # the checkpoint's quantization (unknown methods are refused here, for every stage)
+        self.quant = scheme_from_config(self.config, self.config_path)
         self._maps: dict[Path, mmap.mmap] = {}
         self._handles: dict[Path, Any] = {}
 

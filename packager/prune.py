@@ -1,7 +1,9 @@
 """Streaming expert pruning of a safetensors checkpoint.
 
 Every output tensor is a list of byte ranges of the input files: kept experts (per-expert
-keys renamed to 0..n-1 in ascending original id, or rows of fused tensors with the expert
+keys renamed to 0..n-1 in ascending original id with every companion of a quantized weight:
+FP8 `weight_scale_inv`, GPTQ/AWQ `qweight`/`qzeros`/`scales`/`g_idx`, compressed-tensors
+`weight_packed`/`weight_scale`/`weight_shape`; or rows of fused tensors with the expert
 dimension first, MXFP4 blocks/scales included) and router rows are copied in the kernel,
 bit for bit, never dequantised, and never held in Python memory. Only config.json and the
 provenance file are rewritten. Peak memory does not grow with the model."""
@@ -53,49 +55,77 @@ class _Action:
 
 
 def _classify(reader: CheckpointReader, arch: MoEArch, config: dict, keep: dict[int, list[int]]) -> dict[str, _Action | None]:
-    """Action per input tensor (None = dropped). Checks layouts and shapes first."""
+    """Action per input tensor (None = dropped). Checks layouts, shapes and quantized linears first.
+
+    The invariant: every tensor that belongs to a routed expert (its weight and every companion
+    of its quantization: scales, zeros, group indices, packed shapes) is kept and renumbered, or
+    dropped, with that expert; router tensors lose the dropped rows. A tensor that carries an
+    expert index but that the family description does not know is refused (arch.layer_expert_tensors)."""
+    from packager.quant_formats import logical_tensors
+
     names = set(reader.names())
+    suffixes = reader.quant.suffixes()
+    claims: dict[int, dict] = {}
+    for layer_idx in keep:
+        try:
+            claims[layer_idx] = arch.layer_expert_tensors(layer_idx, arch.n_experts(config, layer_idx), names, suffixes)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{reader.model_dir}: {exc}") from None
+    present = names | set(logical_tensors(reader))  # checks every quantized linear's companions
     actions: dict[str, _Action | None] = {}
     for layer_idx, kept in keep.items():
         n_experts = arch.n_experts(config, layer_idx)
-        for name in arch.router_tensor_names(layer_idx):
-            if name == arch.router_weight_name(layer_idx) or name in names:
-                info = reader.info(name)
-                if not info.shape or info.shape[0] != n_experts:
-                    raise CheckpointError(
-                        f"{info.path}: {name!r} has shape {list(info.shape)}, expected {n_experts} rows (config.json)"
-                    )
-                actions[name] = _Action(name, tuple(kept))
-        layout = arch.detect_layout(layer_idx, n_experts, names)
+        claimed = claims[layer_idx]
+        reader.info(arch.router_weight_name(layer_idx))  # the router weight must exist
+        layout = arch.detect_layout(layer_idx, n_experts, present)
         chosen = set(arch.layout_tensor_names(layout, layer_idx, n_experts))
         other = [n for other_layout in arch.layouts if other_layout != layout
-                 for n in arch.layout_tensor_names(other_layout, layer_idx, n_experts) if n in names and n not in chosen]
+                 for n in arch.layout_tensor_names(other_layout, layer_idx, n_experts) if n in present and n not in chosen]
+        other += [n for n, (kind, *_) in claimed.items() if kind == ("fused" if layout == "per_expert" else "expert")
+                  and n not in chosen]
         if other:
             raise CheckpointError(
                 f"{reader.model_dir}: layer {layer_idx} mixes expert layouts ({layout} plus {other[0]!r}); "
                 "re-save the checkpoint with one layout"
             )
-        if layout == "per_expert":
-            new_idx = {expert_idx: i for i, expert_idx in enumerate(kept)}
-            for expert_idx in range(n_experts):
-                new_names = arch.expert_tensor_names(layer_idx, new_idx[expert_idx]) if expert_idx in new_idx else None
-                for role, name in arch.expert_tensor_names(layer_idx, expert_idx).items():
-                    if name in names:
-                        actions[name] = _Action(new_names[role]) if new_names else None
-        else:
-            for role, name in arch.fused_expert_names(layer_idx).items():
-                if name not in names:
-                    continue
-                info = reader.info(name)
-                if not info.shape or info.shape[0] != n_experts:
-                    raise CheckpointError(
-                        f"{info.path}: fused expert tensor {name!r} has shape {list(info.shape)}, "
-                        f"expected the expert dimension first with {n_experts} experts"
-                    )
-                actions[name] = _Action(name, tuple(kept))
+        new_idx = {expert_idx: i for i, expert_idx in enumerate(kept)}
+        for name, (kind, expert_idx, role, suffix) in claimed.items():
+            if kind == "expert":
+                actions[name] = (_Action(arch.expert_part_name(layer_idx, new_idx[expert_idx], role, suffix))
+                                 if expert_idx in new_idx else None)
+                continue
+            info = reader.info(name)
+            if not info.shape or info.shape[0] != n_experts:
+                what = "router tensor" if kind == "router" else "fused expert tensor"
+                raise CheckpointError(
+                    f"{info.path}: {what} {name!r} has shape {list(info.shape)}, expected the expert dimension "
+                    f"first with {n_experts} experts (config.json)"
+                )
+            actions[name] = _Action(name, tuple(kept))
     for name in names:
         actions.setdefault(name, _Action(name))
     return actions
+
+
+def _pruned_quantization_config(arch: MoEArch, config: dict, keep: dict[int, list[int]]) -> dict:
+    """quantization_config with module-name lists (modules_to_not_convert, ignore, ...) that
+    name experts by index renumbered like the experts, dropped experts removed."""
+    from packager.quant_formats import expert_module_pattern, rename_module_lists
+
+    patterns = {layer_idx: expert_module_pattern(arch.expert_scope(layer_idx)) for layer_idx in keep
+                if arch.expert_scope(layer_idx) is not None}
+
+    def rename(module: str) -> str | None:
+        for layer_idx, pattern in patterns.items():
+            match = pattern.match(module)
+            if match:
+                old = int(match.group(1))
+                if old not in keep[layer_idx]:
+                    return None
+                return f"{arch.expert_scope(layer_idx)}{keep[layer_idx].index(old)}{match.group(2) or ''}"
+        return module
+
+    return rename_module_lists(config["quantization_config"], rename)
 
 
 def _input_hashes(reader: CheckpointReader, hash_inputs: bool | None) -> tuple[str, dict]:
@@ -165,6 +195,8 @@ def prune_checkpoint(model_dir: str | os.PathLike, plan: Plan | str | os.PathLik
                 new_config.pop(key, None)
             else:
                 new_config[key] = value
+        if isinstance(new_config.get("quantization_config"), dict):
+            new_config["quantization_config"] = _pruned_quantization_config(arch, config, keep)
         for key in arch.n_experts_keys:
             logger.info("config: %s = %d", key, new_config[key])
         if PER_LAYER_COUNTS_KEY in new_config:

@@ -191,6 +191,78 @@ class MoEArch:
         fused = self.fused_expert_names(layer_idx)
         return [fused[role] for role in roles]
 
+    # ---------------------------------------------------------------- what follows an expert
+    def expert_scope(self, layer_idx: int) -> str | None:
+        """The on-disk prefix after which a name carries an expert index (per-expert keys), e.g.
+        `model.layers.3.mlp.experts.`; None for families with fused experts only."""
+        prefixes = {t.split("${expert_idx}", 1)[0] for t in self.tensors.get("per_expert", {}).values() if "${expert_idx}" in t}
+        return _expand(prefixes.pop(), layer_idx=layer_idx) if prefixes else None
+
+    def expert_part_name(self, layer_idx: int, expert_idx: int, role: str, suffix: str = "weight") -> str:
+        """On-disk name of one tensor of an expert's linear `role`: its weight, or a companion
+        that replaces the weight's last name part (`weight_scale_inv`, `qweight`, `scales`, ...)."""
+        weight = self.expert_tensor_names(layer_idx, expert_idx)[role]
+        return weight if suffix == "weight" else weight[: -len("weight")] + suffix
+
+    def layer_expert_tensors(self, layer_idx: int, n_experts: int, names, suffixes=("weight",)) -> dict[str, tuple]:
+        """Every on-disk tensor of MoE layer `layer_idx` that belongs to a routed expert or to
+        the router, as name -> (kind, expert index or None, role, suffix), kind being
+        "router", "expert" (per-expert keys) or "fused" (expert dimension first).
+
+        `suffixes` are the name endings a linear layer may have in this checkpoint (its
+        quantization's companions). A tensor that carries an expert index (or sits with the
+        router or the fused experts) but that the family does not describe is refused with a
+        CheckpointError naming it: it could not follow its expert through pruning."""
+        claimed: dict[str, tuple] = {}
+        for name in self.router_tensor_names(layer_idx):
+            claimed[name] = ("router", None, name.rsplit(".", 1)[1], "")
+        scope = self.expert_scope(layer_idx)
+        parts: dict[str, tuple[str, str]] = {}
+        if scope is not None:
+            for role, template in self.tensors.get("per_expert", {}).items():
+                if "${expert_idx}" not in template:
+                    continue
+                rest = template.split("${expert_idx}", 1)[1].lstrip(".")
+                for suffix in suffixes:
+                    if suffix == "weight" or rest.endswith(".weight"):
+                        parts[rest if suffix == "weight" else rest[: -len("weight")] + suffix] = (role, suffix)
+        fused = {name: role for role, name in self.fused_expert_names(layer_idx).items()}
+        router_dirs = {name.rsplit(".", 1)[0] + "." for name in self.router_tensor_names(layer_idx)}
+        fused_dirs = {name.rsplit(".", 1)[0] + "." for name in fused}
+        for name in names:
+            if name in claimed:
+                continue
+            if name in fused:
+                claimed[name] = ("fused", None, fused[name], "")
+                continue
+            if scope is not None and name.startswith(scope):
+                index, _, rest = name[len(scope):].partition(".")
+                if index.isdigit():
+                    if rest not in parts:
+                        known = sorted({p.rsplit(".", 1)[1] for p in parts})
+                        raise CheckpointError(
+                            f"tensor {name!r} belongs to expert {index} of layer {layer_idx}, but the {self.family} "
+                            f"description knows no such per-expert tensor (known name endings: {', '.join(known)}); "
+                            "refusing it rather than copying it without its expert"
+                        )
+                    if int(index) >= n_experts:
+                        raise CheckpointError(f"tensor {name!r}: expert {index} of layer {layer_idx}, but config.json "
+                                              f"says {n_experts} experts")
+                    claimed[name] = ("expert", int(index), *parts[rest])
+                    continue
+            if any(name.startswith(d) for d in router_dirs):
+                raise CheckpointError(
+                    f"tensor {name!r} sits with the router of layer {layer_idx}, but the {self.family} description "
+                    "knows no such router tensor (quantized or extra router tensors are not supported); "
+                    "refusing it rather than copying it unpruned"
+                )
+            if any(name.startswith(d) for d in fused_dirs) or (scope is not None and name.startswith(scope)):
+                raise CheckpointError(
+                    f"tensor {name!r} sits with the fused experts of layer {layer_idx}, but the {self.family} "
+                    "description knows no such expert tensor; refusing it rather than copying it unpruned"
+                )
+        return {name: kind for name, kind in claimed.items() if name in names}
+
     # ---------------------------------------------------------------- modules
     def router_module(self, layer_idx: int) -> str:
         return _expand(self.modules["router"], layer_idx=layer_idx)
@@ -244,6 +316,9 @@ def _parse(data: dict, source: str) -> MoEArch:
         for role in roles:
             if role not in table:
                 raise ValueError(f"architecture file {source}: layout {name!r} role {role!r} has no template")
+    prefixes = {t.split("${expert_idx}", 1)[0] for t in tensors.get("per_expert", {}).values() if "${expert_idx}" in t}
+    if len(prefixes) > 1:
+        raise ValueError(f"architecture file {source}: per-expert templates must share one prefix before ${{expert_idx}}")
     modules = _require(data, "modules", source)
     for key in ("router", "experts", "moe_block"):
         _require(modules, key, source)
