@@ -108,15 +108,14 @@ def weight_bytes(reader, arch, config: dict, dtype: str) -> dict:
         for role, name in arch.fused_expert_names(layer_idx).items():
             if role in arch.packed_params_per_element:
                 packed[name] = arch.packed_params_per_element[role]
+    from packager.quant_formats import logical_shape, logical_tensors
+
     prefix = layer_prefix_template(reader.config)
     per_layer: dict[int, int] = {}
     other = 0
-    for info in reader.infos():
-        numel = 1
-        for dim in info.shape:
-            numel *= dim
-        nbytes = int(numel * packed.get(info.name, 1.0) * element)
-        layer_idx = _layer_of(info.name, prefix)
+    for name in logical_tensors(reader):  # a quantized linear counts its dequantised values
+        nbytes = int(_numel(logical_shape(reader, name)) * packed.get(name, 1.0) * element)
+        layer_idx = _layer_of(name, prefix)
         if layer_idx is None:
             other += nbytes
         else:
@@ -165,10 +164,18 @@ def choose_execution(model_dir: Path, dtype: str, device: str = "auto", forced: 
         config = dict(reader.config)
         arch = load_arch(config)
         sizes = weight_bytes(reader, arch, config, dtype)
+        quant = reader.quant
     available = available_memory(device)
     need = int(sizes["total"] * WHOLE_MODEL_FACTOR) + RAM_RESERVE_BYTES
     gib = 1024**3
-    if forced != "auto":
+    if quant.dequantized_here:
+        # transformers' loaders for these formats need accelerate and GPU kernels; the streamed
+        # path dequantises each linear itself (packager.quant_formats)
+        if forced == "whole":
+            raise StreamingError(f"--execution whole: {model_dir} is a {quant.label} checkpoint, which runs streamed "
+                                 "(dequantised layer by layer by the packager); use --execution auto or streamed")
+        mode, reason = "streamed", f"{quant.label} parent: streamed, dequantised on the fly"
+    elif forced != "auto":
         mode, reason = forced, f"--execution {forced}"
     elif need <= available:
         mode = "whole"
@@ -217,7 +224,7 @@ def build_skeleton(model_dir: Path, dtype: str):
     transformers.utils.logging.disable_progress_bar()
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     if getattr(config, "quantization_config", None):
-        config.quantization_config = None  # MXFP4 experts are dequantised by the streamed loader
+        config.quantization_config = None  # quantized weights (MXFP4, FP8, GPTQ, ...) are dequantised by the streamed loader
         if hasattr(config, "_pre_quantization_dtype"):
             del config._pre_quantization_dtype
     with _ParametersOnMeta(), torch.device("cpu"):
@@ -240,20 +247,28 @@ def decoder_layers(model):
 class TensorSource:
     """How to build one in-memory tensor: a direct read, stacked per-expert reads, or MXFP4."""
 
-    kind: str                      # "direct" | "stack" | "mxfp4"
+    kind: str                      # "direct" | "stack" | "mxfp4" | "dequant"
     names: tuple[tuple[str, ...], ...]  # direct: ((name,),); stack: per expert (part, ...); mxfp4: ((blocks, scales),)
+    # dequant: like direct or stack (per expert (part, ...)), but the names are logical weights of
+    # quantized linears (packager.quant_formats), dequantised on read; `physical` lists their files' tensors
+    physical: tuple[str, ...] = ()
 
     def disk_names(self) -> list[str]:
-        return [name for group in self.names for name in group]
+        return list(self.physical) or [name for group in self.names for name in group]
 
 
-def layer_sources(arch, config: dict, layer_idx: int, targets: Sequence[str], present) -> dict[str, TensorSource]:
+def layer_sources(arch, config: dict, layer_idx: int, targets: Sequence[str], present,
+                  quantized: dict | None = None) -> dict[str, TensorSource]:
     """Disk sources of the in-memory tensors `targets` (full names) of decoder layer `layer_idx`.
+    `present` holds the checkpoint's logical tensor names; `quantized` maps the logical weight of
+    each quantized linear to its on-disk parts (packager.quant_formats.logical_tensors).
 
     Raises CheckpointError naming every tensor that has no source."""
     sources: dict[str, TensorSource] = {}
     renamed: dict[str, str] = {}
+    quantized = quantized or {}
     if layer_idx in arch.moe_layers(config):
+        arch.layer_expert_tensors(layer_idx, arch.n_experts(config, layer_idx), present)  # refuses unknown expert tensors
         router = arch.router_module(layer_idx)
         for disk_name in arch.router_tensor_names(layer_idx):
             renamed[f"{router}.{disk_name.rsplit('.', 1)[1]}"] = disk_name
@@ -263,8 +278,10 @@ def layer_sources(arch, config: dict, layer_idx: int, targets: Sequence[str], pr
         fused = arch.fused_expert_names(layer_idx)
         if layout == "per_expert":
             per_expert = [arch.expert_tensor_names(layer_idx, e) for e in range(n_experts)]
-            sources[f"{experts}.gate_up_proj"] = TensorSource("stack", tuple((n["gate"], n["up"]) for n in per_expert))
-            sources[f"{experts}.down_proj"] = TensorSource("stack", tuple((n["down"],) for n in per_expert))
+            for target, roles in ((f"{experts}.gate_up_proj", ("gate", "up")), (f"{experts}.down_proj", ("down",))):
+                names = tuple(tuple(n[role] for role in roles) for n in per_expert)
+                parts = tuple(p for group in names for name in group for p in quantized.get(name, ()))
+                sources[target] = TensorSource("dequant" if parts else "stack", names, parts)
         elif layout == "mxfp4":
             for proj in ("gate_up", "down"):
                 sources[fused[proj]] = TensorSource("mxfp4", ((fused[f"{proj}_blocks"], fused[f"{proj}_scales"]),))
@@ -276,7 +293,10 @@ def layer_sources(arch, config: dict, layer_idx: int, targets: Sequence[str], pr
         if disk_name is None or disk_name not in present:
             missing.append(target)
             continue
-        sources[target] = TensorSource("direct", ((disk_name,),))
+        if disk_name in quantized:
+            sources[target] = TensorSource("dequant", ((disk_name,),), tuple(quantized[disk_name]))
+        else:
+            sources[target] = TensorSource("direct", ((disk_name,),))
     if missing:
         shown = ", ".join(repr(n) for n in missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
         raise CheckpointError(f"layer {layer_idx}: tensor(s) {shown} missing from the checkpoint's shards")
@@ -373,6 +393,8 @@ def build_tensor(files: ShardFiles, source: TensorSource, like, dtype, rows: tup
                 row += n_rows
             if row != shape[1]:
                 raise CheckpointError(f"{parts[0]!r}: expert rows {row} do not match the model's {shape[1]}")
+    elif source.kind == "dequant":
+        out = _dequantized(files, source, shape, dtype, rows)
     elif source.kind == "mxfp4":
         from converters.gguf.mxfp4 import dequantize_mxfp4
 
@@ -389,6 +411,39 @@ def build_tensor(files: ShardFiles, source: TensorSource, like, dtype, rows: tup
             f"{source.disk_names()[0]!r}: shape {list(out.shape)} does not match the model's {shape} "
             "(config.json and weights disagree)"
         )
+    return out
+
+
+def _dequantized(files: ShardFiles, source: TensorSource, shape: list[int], dtype, rows):
+    """A tensor whose parts are quantized linears, dequantised one linear at a time (float32
+    exact, then the compute dtype): a single weight, or experts stacked like "stack"."""
+    import torch
+
+    from packager.quant_formats import logical_tensors
+
+    linears = logical_tensors(files.reader)
+
+    def read(name):
+        return files.read(name).reshape(-1).view(torch.uint8).numpy()
+
+    def value(name):
+        linear = linears.get(name)
+        if linear is None:
+            return files.read(name).to(dtype)
+        return torch.from_numpy(linear.dequantize(read)).to(dtype)
+
+    if len(source.names) == 1 and len(source.names[0]) == 1 and rows is None and len(shape) == 2:
+        return value(source.names[0][0])
+    out = torch.empty(shape, dtype=dtype)
+    experts = source.names if rows is None else source.names[rows[0]:rows[1]]
+    for slot, parts in enumerate(experts):
+        row = 0
+        for name in parts:
+            part = value(name)
+            out[slot, row:row + part.shape[0]] = part
+            row += part.shape[0]
+        if row != shape[1]:
+            raise CheckpointError(f"{parts[0]!r}: expert rows {row} do not match the model's {shape[1]}")
     return out
 
 
@@ -557,7 +612,8 @@ class StreamReport:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
-DEFAULT_EXPERT_GROUP_BYTES = 256 * 1024**2
+# grouped_mm on the CPU copies each transposed weight it multiplies: a group costs about 1.7x its bytes
+DEFAULT_EXPERT_GROUP_BYTES = 128 * 1024**2
 
 
 class StreamedModel:
@@ -586,9 +642,17 @@ class StreamedModel:
         self.config = dict(self.reader.config)
         self.arch = load_arch(self.config)
         self.model = build_skeleton(self.model_dir, dtype)
+        if device != "cpu":  # the real buffers (rotary tables) live where the layers run
+            for name, buf in list(self.model.named_buffers()):
+                if buf.device.type != "meta":
+                    _set_tensor(self.model, name, buf.to(device))
         self.layers = decoder_layers(self.model)
         self.files = ShardFiles(self.reader)
-        present = set(self.reader.names())
+        from packager.quant_formats import logical_tensors
+
+        logical = logical_tensors(self.reader)  # quantized linears under their logical weight names
+        present = set(logical)
+        quantized = {name: tuple(linear.parts.values()) for name, linear in logical.items() if linear is not None}
         layer_prefix = _module_path(self.model, self.layers)
         self._layer_paths = [f"{layer_prefix}.{i}" for i in range(len(self.layers))]
         moe_layers = set(self.arch.moe_layers(self.config))
@@ -601,7 +665,7 @@ class StreamedModel:
         self._groups: list[list[tuple[int, int]]] = []
         for layer_idx, (path, layer) in enumerate(zip(self._layer_paths, self.layers)):
             targets = [f"{path}.{name}" for name in layer.state_dict(keep_vars=True)]
-            sources = layer_sources(self.arch, self.config, layer_idx, targets, present)
+            sources = layer_sources(self.arch, self.config, layer_idx, targets, present, quantized)
             experts_prefix = self.arch.experts_module(layer_idx) + "." if layer_idx in moe_layers else None
             experts = {t: s for t, s in sources.items() if experts_prefix and t.startswith(experts_prefix)}
             self._sources.append({t: s for t, s in sources.items() if t not in experts})
@@ -776,6 +840,7 @@ class StreamedModel:
                 report.load_seconds += time.perf_counter() - started
                 routed = self._run_without_experts(layer_idx, layer, calls_per_batch, hidden, expert_inputs, before_layer, report)
                 _to_meta(layer)
+                release_freed_memory()
                 if routed is not None:
                     self._run_expert_groups(layer_idx, routed, hidden, expert_inputs, sums, before_layer, expert_rows, report)
                 if progress is not None:
@@ -865,6 +930,7 @@ class StreamedModel:
                         sums.put(batch_idx, total)
                 report.compute_seconds += time.perf_counter() - started
                 self._restore_experts(layer_idx)
+                release_freed_memory()
         finally:
             experts.num_experts = n_experts
             self._restore_experts(layer_idx)
@@ -880,6 +946,30 @@ class StreamedModel:
     def close(self) -> None:
         self.files.close()
         self.reader.close()
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the system (glibc's malloc_trim). Between layers the
+    process frees hundreds of MB of medium-sized buffers that the heap would otherwise keep, so
+    resident memory would creep up layer after layer. No-op where there is no glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _malloc_trim():
+    if "trim" not in _LIBC:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC["trim"] = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _LIBC["trim"] = None
+    return _LIBC["trim"]
+
+
+_LIBC: dict = {}
 
 
 def torch_nn():

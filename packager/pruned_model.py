@@ -14,6 +14,7 @@ from pathlib import Path
 
 from packager.arch import PER_LAYER_COUNTS_KEY, load_arch
 from packager.errors import CheckpointError
+from packager.quant_formats import DEQUANTIZED_HERE
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,9 @@ def load_pruned(path: str | os.PathLike, **kwargs):
             # without accelerate/kernels transformers can only run MXFP4 experts dequantised
             logger.info("%s: MXFP4 experts are dequantised on load", path)
             kwargs["quantization_config"] = Mxfp4Config(dequantize=True)
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else getattr(quantization, "quant_method", None)
+    if str(method).lower() in DEQUANTIZED_HERE and "quantization_config" not in kwargs:
+        return _load_dequantized(path, **kwargs)
     counts = getattr(config, PER_LAYER_COUNTS_KEY, None)
     if counts is None:
         return AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
@@ -71,3 +75,33 @@ def load_pruned(path: str | os.PathLike, **kwargs):
         raise CheckpointError(f"{path}: pruned checkpoint does not match its per-layer expert counts: {problems}")
     logger.info("loaded %s with per-layer expert counts %s", path, counts)
     return model
+
+
+def _load_dequantized(path: Path, **kwargs):
+    """An FP8 / GPTQ / AWQ / compressed-tensors checkpoint loaded without transformers'
+    quantizers (they need accelerate and GPU kernels): the packager dequantises it exactly to a
+    float32 copy in a temporary directory, transformers loads that, the copy is removed."""
+    import shutil
+    import tempfile
+
+    from packager.checkpoint import CheckpointReader
+    from packager.quant_formats import logical_shape, logical_tensors, write_dequantized
+
+    with CheckpointReader(path) as reader:
+        need = sum(4 * _numel(logical_shape(reader, name)) for name in logical_tensors(reader))
+    tmp_root = Path(tempfile.gettempdir())
+    free = shutil.disk_usage(tmp_root).free
+    if free < need + 64 * 1024**2:
+        raise CheckpointError(f"{path}: loading this quantized checkpoint needs a {need / 1e9:.1f} GB float32 copy, "
+                              f"{tmp_root} has {free / 1e9:.1f} GB free; set TMPDIR to a larger disk")
+    with tempfile.TemporaryDirectory(prefix=".dequantized-", dir=tmp_root) as tmp:
+        logger.info("%s: dequantised to float32 in %s for loading", path, tmp)
+        plain = write_dequantized(path, Path(tmp) / path.name)
+        return load_pruned(plain, **kwargs)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for dim in shape:
+        n *= dim
+    return n
