@@ -34,9 +34,10 @@ from converters.gguf.vocab import GGUFVocab, read_vocab
 from packager import __version__
 from packager.arch import PER_LAYER_COUNTS_KEY, MoEArch, load_arch
 from packager.checkpoint import CheckpointReader
-from packager.errors import OutputExistsError
+from packager.errors import CheckpointError, OutputExistsError
 from packager.fingerprint import bytes_to_float32, file_sha256, model_fingerprint
 from packager.prune import read_provenance
+from packager.quant_formats import logical_shape, logical_tensors, physical_names, read_float32
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +194,10 @@ def _read(reader: CheckpointReader, name: str, rows=None) -> bytes:
 
 
 def _reader_array(reader: CheckpointReader, name: str) -> np.ndarray:
+    """A tensor as float32; a quantized linear (FP8, GPTQ, AWQ, compressed-tensors) under its
+    logical name is dequantised exactly (packager.quant_formats)."""
+    if logical_tensors(reader).get(name) is not None:
+        return read_float32(reader, name, read=lambda part: _read(reader, part))
     info = reader.info(name)
     try:
         return bytes_to_float32(_read(reader, name), info.dtype, info.shape)
@@ -218,17 +223,19 @@ def _per_expert_tensors(reader, arch, fam, layer_idx, n_experts, dtype, used) ->
     gguf_names = fam.expert_names(layer_idx)
     for role in arch.expert_tensor_names(layer_idx, 0):
         names = [arch.expert_tensor_names(layer_idx, expert_idx)[role] for expert_idx in range(n_experts)]
-        first = reader.info(names[0])
+        first_shape = logical_shape(reader, names[0])
         for name in names[1:]:
-            if reader.info(name).shape != first.shape:
-                raise GGUFExportError(f"{reader.model_dir}: expert tensor {name!r} has shape {reader.info(name).shape}, expected {first.shape}")
+            if logical_shape(reader, name) != first_shape:
+                raise GGUFExportError(f"{reader.model_dir}: expert tensor {name!r} has shape {logical_shape(reader, name)}, "
+                                      f"expected {first_shape}")
 
         def chunks(names=names):
             for name in names:
                 yield _reader_array(reader, name)
 
-        planned.append(PlannedTensor(gguf_names[role], (n_experts, *first.shape), _out_dtype(3, dtype, False), chunks))
+        planned.append(PlannedTensor(gguf_names[role], (n_experts, *first_shape), _out_dtype(3, dtype, False), chunks))
         used.update(names)
+        used.update(part for name in names for part in physical_names(reader, name))
     return planned
 
 
@@ -293,18 +300,19 @@ def _fused_tensors(reader, arch, fam, layer_idx, n_experts, dtype, used, layout)
 
 def plan_tensors(reader: CheckpointReader, config: dict, arch: MoEArch, fam: GGUFFamily, dtype: str) -> list[PlannedTensor]:
     """Every GGUF tensor with its producer; refuses checkpoints with tensors it cannot place."""
-    present = set(reader.names())
+    present = set(logical_tensors(reader))  # quantized linears under their logical weight names
     used: set[str] = set()
     planned: list[PlannedTensor] = []
     n_head, n_head_kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
 
     def plain(hf_name: str, gguf_name: str, keep_f32: bool = False, transform=None) -> None:
-        info = reader.info(hf_name)
-        shape = tuple(info.shape)
+        quantized = logical_tensors(reader).get(hf_name) is not None
+        info = None if quantized else reader.info(hf_name)
+        shape = tuple(logical_shape(reader, hf_name))
         out = _out_dtype(len(shape), dtype, keep_f32)
 
         def chunks(hf_name=hf_name, transform=transform, info=info):
-            if transform is not None or len(info.shape) < 2:
+            if quantized or transform is not None or len(info.shape) < 2:
                 array = _reader_array(reader, hf_name)
                 yield transform(array) if transform else array
                 return
@@ -317,6 +325,7 @@ def plan_tensors(reader: CheckpointReader, config: dict, arch: MoEArch, fam: GGU
 
         planned.append(PlannedTensor(gguf_name, shape, out, chunks))
         used.add(hf_name)
+        used.update(physical_names(reader, hf_name))
 
     def mapped(table: dict[str, str], layer_idx: int | None) -> None:
         for hf_name, gguf_name in table.items():
@@ -345,6 +354,10 @@ def plan_tensors(reader: CheckpointReader, config: dict, arch: MoEArch, fam: GGU
                 if not gguf_name:
                     raise GGUFExportError(f"{reader.model_dir}: {hf_name!r} has no GGUF tensor in family {fam.family}")
                 plain(hf_name, gguf_name, keep_f32=True)
+        try:  # a tensor with an expert index that the family does not describe is refused, not left over
+            arch.layer_expert_tensors(layer_idx, n_experts, present)
+        except CheckpointError as exc:
+            raise GGUFExportError(f"{reader.model_dir}: {exc}") from None
         layout = arch.detect_layout(layer_idx, n_experts, present)
         if layout == "per_expert":
             planned += _per_expert_tensors(reader, arch, fam, layer_idx, n_experts, dtype, used)
