@@ -318,7 +318,7 @@ class QuantLinear:
             self._shape = tuple(primary.shape)
             scale_suffix = "weight_scale_inv" if s.method == "fp8" else "weight_scale"
             scale = self.infos[scale_suffix]
-            self._scale_grid(scale, s.block if s.method == "fp8" else None)
+            self._scale_grid(scale, s.block)
         elif s.method == "gptq":
             per_word = 32 // s.bits
             qweight, qzeros, scales = self.infos["qweight"], self.infos["qzeros"], self.infos["scales"]
