@@ -614,6 +614,7 @@ class StreamReport:
 
 # grouped_mm on the CPU copies each transposed weight it multiplies: a group costs about 1.7x its bytes
 DEFAULT_EXPERT_GROUP_BYTES = 128 * 1024**2
+EXPERT_ROW_CHUNK = 4096  # (token, expert) rows per experts call in a streamed run
 
 
 class StreamedModel:
@@ -918,15 +919,21 @@ class StreamedModel:
                             continue
                         if before_layer is not None:
                             before_layer(layer_idx, batch_idx)
-                        rows = expert_inputs.get(batch_idx).to(self.device)[token_idx]
-                        expert_idx = chosen[token_idx, slot]
-                        gate = weights[token_idx, slot]
-                        ones = torch.ones((rows.shape[0], 1), dtype=weights.dtype, device=weights.device)
-                        outputs = type(experts).forward(experts, rows, (expert_idx - start).unsqueeze(1), ones)
-                        if expert_rows is not None:
-                            expert_rows(layer_idx, batch_idx, token_idx, expert_idx, gate, outputs)
+                        inputs = expert_inputs.get(batch_idx).to(self.device)
                         total = sums.get(batch_idx)
-                        total.index_add_(0, token_idx.cpu(), (outputs.float() * gate.float().unsqueeze(1)).cpu())
+                        # rows in chunks: activations stay bounded however the router concentrates traffic
+                        for first in range(0, token_idx.numel(), EXPERT_ROW_CHUNK):
+                            tokens = token_idx[first:first + EXPERT_ROW_CHUNK]
+                            slots = slot[first:first + EXPERT_ROW_CHUNK]
+                            expert_idx = chosen[tokens, slots]
+                            gate = weights[tokens, slots]
+                            ones = torch.ones((tokens.numel(), 1), dtype=weights.dtype, device=weights.device)
+                            outputs = type(experts).forward(experts, inputs[tokens], (expert_idx - start).unsqueeze(1), ones)
+                            if expert_rows is not None:
+                                expert_rows(layer_idx, batch_idx, tokens, expert_idx, gate, outputs)
+                            weighted = outputs.float().mul_(gate.float().unsqueeze(1))
+                            total.index_add_(0, tokens.cpu(), weighted.cpu())
+                            del outputs, weighted
                         sums.put(batch_idx, total)
                 report.compute_seconds += time.perf_counter() - started
                 self._restore_experts(layer_idx)

@@ -267,3 +267,18 @@ def test_cli_streamed_calibration_reports_the_execution(tmp_path):
     assert len(lines) == 1 and "--device 'tpu': use cpu, cuda, cuda:N or auto" in lines[0]
     assert not (tmp_path / "t.st").exists()
     shutil.rmtree(tmp_path / "calibration-cache", ignore_errors=True)
+
+
+def test_expert_rows_in_small_chunks_give_the_same_statistics(tmp_path, monkeypatch):
+    import packager.layer_stream as layer_stream
+
+    model_dir = _model("qwen2_moe-shared", tmp_path)
+    data = _data(tmp_path / "d.jsonl")
+    settings = CalibrationSettings(pairs=("en-de",), teacher_forced=True, batch_size=2, max_sentences=None, execution="streamed",
+                                   expert_group_bytes=1)
+    whole = calibrate(model_dir, [data], CalibrationSettings(pairs=("en-de",), teacher_forced=True, batch_size=2,
+                                                             max_sentences=None, execution="whole"))
+    monkeypatch.setattr(layer_stream, "EXPERT_ROW_CHUNK", 3)
+    chunked = calibrate(model_dir, [data], settings)
+    for name in whole.tensors:
+        np.testing.assert_allclose(chunked.tensors[name], whole.tensors[name], rtol=1e-6, atol=1e-9, err_msg=name)
