@@ -7,8 +7,11 @@ backend loads:
                          expert counts, quantization record, fingerprints, provenance
 
 The directory appears atomically: everything is written into a temporary sibling, fsynced,
-then renamed. Exporter: torch.onnx's TorchScript path on our own graph module (graph.py);
-the dynamo path gives the same graph but took 4-10x longer here (see the report).
+then renamed. The graph is built node by node (converters/onnx/decoder.py) and every weight
+streams from the safetensors shards into model.onnx.data one tensor (or chunk, or expert) at
+a time, quantized on the way for int8 / int4: memory stays bounded whatever the model's size.
+The comparison with transformers (on by default) loads the model whole, so it runs only when
+the float32 weights fit CHECK_MAX_WEIGHT_BYTES and is recorded as skipped otherwise.
 """
 from __future__ import annotations
 
@@ -24,8 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from converters.onnx.errors import OnnxExportError
-from converters.onnx.options import DEFAULT_FORMULATION, FORMULATIONS, SUPPORTED_FAMILIES
-from converters.onnx.quantize import check_quant, quantize_model
+from converters.onnx.options import DEFAULT_FORMULATION, DTYPES, FORMULATIONS, SUPPORTED_FAMILIES
+from converters.onnx.quantize import check_quant
 from packager import __version__
 from packager.errors import OutputExistsError, PackagerError
 from runtime.atomic import make_public
@@ -42,6 +45,8 @@ TOKENIZER_FILE = "tokenizer.json"
 OPSET = 17
 # protobuf cannot hold 2 GiB; well below that, external data also lets ORT map the weights
 EXTERNAL_DATA_THRESHOLD_BYTES = 256 * 1024**2
+# the transformers comparison loads the whole model in float32; above this it is skipped (recorded)
+CHECK_MAX_WEIGHT_BYTES = 1024**3
 # fp32 export vs transformers on probe sequences; measured ~1e-6 (tiny) and ~1e-5 (default)
 CHECK_TOLERANCE = 1e-3
 SPECIAL_ROLES = ("bos", "eos", "pad", "unk", "sep")
@@ -229,60 +234,55 @@ def _languages(plan: dict | None) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ the export
-def torch_export(graph, path: Path, opset: int = OPSET) -> None:
-    """Trace `graph` (a converters.onnx.graph.DecoderGraph) to `path` with dynamic batch,
-    sequence and cache lengths. The example has a non-empty cache and batch 2 so no size
-    is specialised to 0 or 1."""
-    import torch
-
-    from converters.onnx.moe_ops import register_symbolic
-
-    register_symbolic()
-    shape = graph.shape
-    batch, n_past, seq = 2, 3, 4
-    input_ids = torch.zeros((batch, seq), dtype=torch.int64)
-    attention_mask = torch.ones((batch, n_past + seq), dtype=torch.int64)
-    position_ids = torch.arange(n_past, n_past + seq)[None].expand(batch, seq).contiguous()
-    past = [torch.zeros((batch, shape.n_kv_heads, n_past, shape.head_dim)) for _ in range(2 * shape.n_layers)]
-    inputs, outputs = graph_input_names(shape.n_layers), graph_output_names(shape.n_layers)
-    axes = {inputs[0]: {0: "batch", 1: "sequence"}, inputs[1]: {0: "batch", 1: "total_sequence"},
-            inputs[2]: {0: "batch", 1: "sequence"}, outputs[0]: {0: "batch", 1: "sequence"}}
-    axes.update({name: {0: "batch", 2: "past_sequence"} for name in inputs[3:]})
-    axes.update({name: {0: "batch", 2: "total_sequence"} for name in outputs[1:]})
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # tracer warnings about Python ints in shapes: none is data-dependent
-        torch.onnx.export(
-            graph, (input_ids, attention_mask, position_ids, *past), str(path), dynamo=False,
-            input_names=inputs, output_names=outputs, dynamic_axes=axes, opset_version=opset,
-            do_constant_folding=True,
-        )
-
-
-def _save(model, directory: Path, threshold_bytes: int) -> list[str]:
+def _save(model, directory: Path, data_bytes: int, threshold_bytes: int) -> list[str]:
+    """Write the graph protobuf. Its weights are already in DATA_FILE; a model whose weights
+    stay under `threshold_bytes` is folded back into one self-contained file."""
     import onnx
 
-    size = sum(len(init.raw_data) for init in model.graph.initializer)
     target = directory / MODEL_FILE
-    if size > threshold_bytes:
-        onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=DATA_FILE, size_threshold=1024)
-        return [MODEL_FILE, DATA_FILE]
+    if data_bytes <= threshold_bytes:
+        onnx.load_external_data_for_model(model, str(directory))
+        for init in model.graph.initializer:
+            del init.external_data[:]
+            init.data_location = onnx.TensorProto.DEFAULT
+        onnx.save_model(model, str(target))
+        (directory / DATA_FILE).unlink()
+        return [MODEL_FILE]
     onnx.save_model(model, str(target))
-    return [MODEL_FILE]
-
-
-def _router_names(graph) -> set[str]:
-    from converters.onnx.moe_ops import RoutedExperts
-
-    names = set()
-    for module_name, module in graph.named_modules():
-        if isinstance(module, RoutedExperts):
-            names |= {name for name, param in graph.named_parameters() if param is module.router}
-    return names
+    return [MODEL_FILE, DATA_FILE]
 
 
 def _contrib_ops(model) -> list[str]:
     return sorted({node.op_type for node in model.graph.node if node.domain == "com.microsoft"})
+
+
+def _check_budget(model_dir: Path) -> tuple[int, int]:
+    """(float32 bytes of the weights, the most the transformers comparison may load)."""
+    from packager.arch import load_arch
+    from packager.checkpoint import CheckpointReader
+    from packager.layer_stream import weight_bytes
+
+    with CheckpointReader(model_dir) as reader:
+        config = dict(reader.config)
+        total = weight_bytes(reader, load_arch(config), config, "float32")["total"]
+    return total, CHECK_MAX_WEIGHT_BYTES
+
+
+def build_graph(model_dir: Path, staging: Path, quant: str, dtype: str, formulation: str, progress=None):
+    """Stream `model_dir` into staging/DATA_FILE and return (ModelProto, shape, record, data bytes)."""
+    from converters.onnx.decoder import DecoderBuilder
+    from converters.onnx.graph_writer import ExternalData, GraphBuilder
+    from converters.onnx.weights import CheckpointWeights
+
+    weights = CheckpointWeights(model_dir)
+    data = ExternalData(staging / DATA_FILE, DATA_FILE)
+    try:
+        builder = DecoderBuilder(GraphBuilder(data), weights, quant, dtype, formulation)
+        shape = builder.build(progress)
+    finally:
+        data.close()
+        weights.close()
+    return builder.g.model("decoder", OPSET), shape, builder, data.bytes_written
 
 
 def export_onnx(
@@ -290,6 +290,7 @@ def export_onnx(
     out_dir: str | os.PathLike,
     quant: str = "fp32",
     *,
+    dtype: str = "fp32",
     formulation: str = DEFAULT_FORMULATION,
     force: bool = False,
     progress: bool = False,
@@ -298,14 +299,14 @@ def export_onnx(
     external_data_threshold_bytes: int = EXTERNAL_DATA_THRESHOLD_BYTES,
 ) -> Path:
     """Export `model_dir` to the directory `out_dir` (see the module docstring); returns it."""
-    import onnx
-
     from packager.arch import load_arch
     from runtime.prompt import PromptRenderer
 
     started = time.monotonic()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_quant(quant)
+    if dtype not in DTYPES:
+        raise OnnxExportError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     if formulation not in FORMULATIONS:
         raise OnnxExportError(f"MoE formulation {formulation!r} unknown; choose one of {', '.join(FORMULATIONS)}")
     if not model_dir.is_dir():
@@ -329,52 +330,46 @@ def export_onnx(
         raise OnnxExportError(f"{out_dir.parent}: output parent directory does not exist")
 
     from converters.onnx.check import compare_with_transformers, open_session, probe_sequences
-    from converters.onnx.graph import DecoderGraph
+    from converters.onnx.families import CONTRIB_ROUTING_NOTE
 
+    precision = quant if quant != "fp32" else dtype
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     make_public(staging)
     try:
         with _Stages(progress) as stages:
-            with stages.stage("load checkpoint"):
-                model = _load_model(model_dir)
+            with stages.stage(f"stream weights into the graph ({precision}, {formulation} MoE)"):
                 fingerprint, parent_fingerprint, plan = _parent_facts(model_dir)
-                graph = DecoderGraph(model, arch, formulation, share_embedding=quant == "fp32").eval()
-                shape = graph.shape
-            with stages.stage(f"export fp32 graph ({formulation} MoE)"):
-                # its own folder: above 2 GB the exporter writes one external file per tensor
-                raw_path = staging / "raw" / "fp32.onnx"
-                raw_path.parent.mkdir()
-                torch_export(graph, raw_path)
-                routers = _router_names(graph)
-                del graph
+                onnx_model, shape, builder, data_bytes = build_graph(model_dir, staging, quant, dtype, formulation)
+            with stages.stage("write model"):
+                model_files = _save(onnx_model, staging, data_bytes, external_data_threshold_bytes)
+                contrib = _contrib_ops(onnx_model)
+                del onnx_model
             export_check = None
-            prompts = probe_sequences(shape.vocab_size)
             if check:
-                with stages.stage("check fp32 graph against transformers"):
-                    report = compare_with_transformers(open_session(raw_path), model, prompts, shape.n_layers,
-                                                       shape.n_kv_heads, shape.head_dim)
-                    export_check = {"fp32": report.as_dict(), "tolerance": CHECK_TOLERANCE}
-                    if not report.max_abs <= CHECK_TOLERANCE:
+                weight_total, budget = _check_budget(model_dir)
+                if weight_total > budget:
+                    export_check = {"skipped": f"float32 weights {weight_total} bytes exceed the {budget}-byte budget of "
+                                               "the whole-model transformers comparison; the graph pieces are tested "
+                                               "against transformers on tiny models of every family"}
+                else:
+                    with stages.stage(f"check {precision} graph against transformers"):
+                        model = _load_model(model_dir)
+                        report = compare_with_transformers(open_session(staging / MODEL_FILE), model,
+                                                           probe_sequences(shape.vocab_size), shape.n_layers,
+                                                           shape.n_kv_heads, shape.head_dim)
+                        del model
+                    export_check = {precision: report.as_dict(), "tolerance": CHECK_TOLERANCE}
+                    if precision == "fp32" and not report.max_abs <= CHECK_TOLERANCE:
                         raise OnnxExportError(
                             f"{model_dir}: the exported graph differs from transformers by {report.max_abs:.3g} "
                             f"(tolerance {CHECK_TOLERANCE}); this is an exporter bug, please report it"
                         )
-            onnx_model = onnx.load(str(raw_path))
-            with stages.stage(f"quantize ({quant})"):
-                onnx_model, quantization = quantize_model(onnx_model, quant, routers, staging)
-            with stages.stage("write model"):
-                model_files = _save(onnx_model, staging, external_data_threshold_bytes)
-                shutil.rmtree(raw_path.parent)
-                contrib = _contrib_ops(onnx_model)
-                del onnx_model
-            if check and quant != "fp32":
-                with stages.stage(f"measure {quant} divergence"):
-                    report = compare_with_transformers(open_session(staging / MODEL_FILE), model, prompts,
-                                                       shape.n_layers, shape.n_kv_heads, shape.head_dim)
-                    export_check[quant] = report.as_dict()
             shutil.copyfile(model_dir / TOKENIZER_FILE, staging / TOKENIZER_FILE)
             memory = _proc_status()
+            quantization = _quantization_record(quant, dtype, builder.record)
             quantization["bytes"] = {name: (staging / name).stat().st_size for name in model_files}
+            routing = ("standard ONNX ops (TopK/Softmax/ScatterElements)" if formulation != "contrib"
+                       else CONTRIB_ROUTING_NOTE.get(arch.routing_kind, arch.routing_kind))
             export_config = ExportConfig(
                 format="onnx",
                 model_files=model_files,
@@ -410,8 +405,9 @@ def export_onnx(
                     "inputs": graph_input_names(shape.n_layers),
                     "outputs": graph_output_names(shape.n_layers),
                     "opset": OPSET,
-                    "exporter": "torch.onnx (TorchScript) on converters.onnx.graph.DecoderGraph",
+                    "exporter": "converters.onnx.decoder (graph built with onnx.helper, weights streamed from the shards)",
                     "moe_formulation": formulation,
+                    "routing": routing,
                     "contrib_ops": contrib,
                     "portability": CONTRIB_OPS_NOTE if contrib else "standard ONNX operators only",
                     "export_check": export_check,
@@ -425,6 +421,21 @@ def export_onnx(
         raise
     logger.info("onnx: wrote %s (%s) in %.1fs", out_dir, ", ".join(model_files), time.monotonic() - started)
     return out_dir
+
+
+def _quantization_record(quant: str, dtype: str, record) -> dict:
+    storage = "float16 storage, cast to float32 at load (ONNX Runtime folds the casts)" if dtype == "fp16" else "float32"
+    method = {"float_weights": storage}
+    if quant == "int8":
+        method.update({"matmul": "int8 symmetric per-output-channel weights, MatMulInteger with dynamic uint8 activations",
+                       "embedding": "int8 symmetric per-row table, Gather + Mul",
+                       "experts": "com.microsoft QMoE, 8-bit symmetric per-row"})
+    elif quant == "int4":
+        method.update({"matmul": "com.microsoft MatMulNBits, 4-bit symmetric blocks along the input axis (weight-only)",
+                       "embedding": "com.microsoft GatherBlockQuantized, 4-bit blocks along the hidden axis",
+                       "experts": "com.microsoft QMoE, 4-bit symmetric block-wise (weight-only)"})
+    return {"type": quant, "dtype": dtype, "method": method, "tensors": dict(record.tensors),
+            "kept_fp32": sorted(set(record.kept_fp32))}
 
 
 def _replace_dir(staging: Path, out_dir: Path) -> None:
@@ -442,4 +453,4 @@ def _replace_dir(staging: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["export_onnx", "torch_export", "MODEL_FILE", "DATA_FILE", "TOKENIZER_FILE"]
+__all__ = ["export_onnx", "build_graph", "MODEL_FILE", "DATA_FILE", "TOKENIZER_FILE"]
