@@ -285,9 +285,12 @@ def gguf_family(family: str) -> GGUFFamily:
     try:
         return FAMILIES[family]
     except KeyError:
+        from converters.onnx.options import SUPPORTED_FAMILIES as ONNX_FAMILIES
+
         raise UnsupportedArchitecture(
             f"family {family!r} has no GGUF export (stock llama.cpp); GGUF supports: "
-            f"{', '.join(supported_gguf_families())} (use `packager export onnx` for the others)"
+            f"{', '.join(supported_gguf_families())}"
+            + (" (use `packager export onnx` for this one)" if family in ONNX_FAMILIES else "; nor does ONNX yet")
         ) from None
 
 
