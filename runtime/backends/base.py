@@ -199,6 +199,15 @@ class Backend(abc.ABC):
             self.timings.decode_seconds += time.perf_counter() - started
             self.timings.decode_tokens += 1
 
+    #: how many sequences `generate_batch` decodes together (1 = one after the other)
+    max_batch: int = 1
+
+    def generate_batch(self, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
+                       sampling: Sampling = GREEDY) -> list[list[int]]:
+        """Generated ids of several prompts (each up to its budget). This default runs them one
+        after the other; a backend that can decode sequences together overrides it."""
+        return [list(self.generate_ids(prompt, budget, sampling)) for prompt, budget in zip(prompts, budgets)]
+
     def prompt_ids(self, text: str, src: str | Language, tgt: str | Language) -> list[int]:
         return self.tokenize(self.prompt.render(text, src, tgt), special=True)
 
