@@ -31,39 +31,17 @@ from functools import lru_cache
 from typing import Iterable, Sequence
 
 from runtime.languages import DEFAULT_SCRIPT, Language, parse_language
+from runtime.protect import MARKUP_TAGS, PLACEHOLDER_RE  # noqa: F401 - MARKUP_TAGS re-exported
 
 logger = logging.getLogger(__name__)
 
 ERROR_KINDS = ("empty", "repetition", "length_ratio", "wrong_script", "wrong_language", "lost_placeholder")
 
 # -- placeholders and markup -----------------------------------------------------------------
-# Order matters: the first alternative that matches at a position wins.
-_PLACEHOLDER = re.compile(
-    r"""
-      %\([A-Za-z_][A-Za-z0-9_]*\)[-+\#0]*\d*(?:\.\d+)?[diouxXeEfFgGcrsa]   # python %(name)s
-    | %<[A-Za-z0-9_]+>                                                     # gettext %<PRIu64>
-    | %(?:\d+\$)?q[+\#]*[A-Za-z]                                           # gcc %qs %q#T %2$qD
-    | %(?:\d+\$)?[+\#]+[A-Z]                                               # gcc %+#D
-    | %[A-Z][A-Z0-9_]{2,}%?                                                # LibreOffice %PRODUCTNAME
-    | %(?:\d+\$)?[-+\#0']*(?:\d+|\*)?(?:\.(?:\d+|\*))?
-        (?:hh|ll|I64|I32|h|l|L|q|j|z|t|I)?[diouxXeEfFgGaAcCsSpn]          # printf %s %-5d %1$s %lu
-    | %[<>']                                                               # gcc quoting %< %> %'
-    | %\d{1,2}                                                             # Qt / LibreOffice %1
-    | \$\([A-Za-z0-9_]+\)                                                  # $(ARG1)
-    | \$\{[A-Za-z0-9_]+\}                                                  # ${name}
-    | \{[A-Za-z0-9_]*(?::[^{}\s]*)?\}                                      # {0} {name} {} {0:d}
-    """,
-    re.VERBOSE,
-)
+# the runtime's patterns: what protection keeps is what is counted here
+_PLACEHOLDER = PLACEHOLDER_RE
 _POSITION = re.compile(r"^%\d+\$")
 _INT_CONVERSION = re.compile(r"^(%[-+#0']*\d*(?:hh|ll|h|l|j|z|t)?)i$")  # %i is %d
-# Tags of HTML / Pango / LibreOffice help markup; other <words> are often translated text
-# ("<file>" -> "<Datei>") and are not counted.
-MARKUP_TAGS = frozenset(
-    "a abbr ahelp b big bookmark_value br caseinline code defaultinline div em emph font h1 h2 h3 "
-    "h4 h5 h6 i img item kbd li link menuitem ol p pre s small span strong sub sup switchinline "
-    "tt u ul variable".split()
-)
 _TAG = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9_]*)(?:\s[^<>]*)?(/?)>")
 _URL = re.compile(r"(?:https?|ftp)://\S+|www\.\S+|\S+@\S+\.\w+")
 

@@ -33,12 +33,8 @@ from packager.errors import PackagerError
 logger = logging.getLogger(__name__)
 
 METRICS_SCHEMA = "packager.metrics/1"
-DEFAULT_MAX_NEW_TOKENS = 256
-# generation budget per segment: generous for every direction (zh->en is ~2.4x longer in
-# characters), small enough that a loop ends quickly
-NEW_TOKENS_PER_SOURCE_TOKEN = 3
-NEW_TOKENS_SLACK = 12
-MIN_ROOM_TOKENS = 8  # a prompt must leave this many positions for the translation
+# generation budget per segment: the runtime's (what edge-translate uses)
+from runtime.translator import DEFAULT_MAX_NEW_TOKENS, NEW_TOKENS_PER_SOURCE_TOKEN, NEW_TOKENS_SLACK  # noqa: E402
 SAMPLE_INTERVAL_SECONDS = 0.005
 WORKER_FLAG = "--worker"
 
@@ -209,6 +205,8 @@ def _worker(job_path: str, out_path: str) -> int:
     interpreter = _proc_status()
     try:
         from runtime.backends import backend_class, resolve_model
+        from runtime.protect import protect
+        from runtime.translator import TextTranslator
 
         model_file, config = resolve_model(job["model"])
         cls = backend_class(config.format)  # imports llama_cpp / onnxruntime: part of the baseline
@@ -228,17 +226,17 @@ def _worker(job_path: str, out_path: str) -> int:
                 pass
         backend.timings.reset()
         started = time.perf_counter()
+        # what users get (segmentation, placeholder protection: runtime.translator), and the same
+        # model without protection on the segments protection changes, for the comparison
+        protected = TextTranslator(backend, max_new_tokens=cap, protect=True, batch_size=1)
+        plain = TextTranslator(backend, max_new_tokens=cap, protect=False, batch_size=1)
         for index, segment in enumerate(segments):
-            budget = min(cap, NEW_TOKENS_PER_SOURCE_TOKEN * len(backend.tokenize(segment["src"])) + NEW_TOKENS_SLACK)
-            prompt = backend.prompt_ids(segment["src"], segment["src_lang"], segment["tgt_lang"])
-            if len(prompt) + MIN_ROOM_TOKENS > backend.n_ctx:
-                # the model cannot take this source at all: skipped, and counted
-                results.append({"hyp": "", "new_tokens": 0, "hit_limit": False, "too_long": True})
-            else:
-                budget = min(budget, backend.n_ctx - len(prompt))
-                ids = list(backend.generate_ids(prompt, budget))
-                results.append({"hyp": backend.detokenize(ids).strip(), "new_tokens": len(ids), "hit_limit": len(ids) >= budget,
-                                "too_long": False})
+            ours = protected.translate_detailed(segment["src"], segment["src_lang"], segment["tgt_lang"])
+            changed = protect(segment["src"]).changed
+            raw = plain.translate_detailed(segment["src"], segment["src_lang"], segment["tgt_lang"]) if changed else ours
+            results.append({"hyp": ours["hyp"].strip(), "new_tokens": ours["new_tokens"], "hit_limit": ours["hit_limit"],
+                            "too_long": ours["passed_through"] > 0, "pieces": ours["pieces"], "protected": changed,
+                            "sentinel_fallbacks": ours["sentinel_fallbacks"], "hyp_unprotected": raw["hyp"].strip()})
             print(f"progress {index + 1}", flush=True)
         wall = time.perf_counter() - started
         sampler.stop()
@@ -393,6 +391,7 @@ def score_directions(segments: dict[str, list[Segment]], hyps: dict[str, list[di
         reference_errors = [detector.detect(s.src, s.ref, s.src_lang, s.tgt_lang) for s in rows]
         scores = corpus_scores(texts, [s.ref for s in rows], rows[0].tgt_lang, n_bootstrap=n_bootstrap)
         summary = error_summary(errors)
+        protection = protection_scores(rows, outputs, errors, detector)
         directions[slug] = {
             "src_lang": rows[0].src_lang,
             "tgt_lang": rows[0].tgt_lang,
@@ -405,12 +404,46 @@ def score_directions(segments: dict[str, list[Segment]], hyps: dict[str, list[di
             "hit_token_limit": sum(1 for o in outputs if o["hit_limit"]),
             "usual_length_ratio": round(ratios[(rows[0].src_lang, rows[0].tgt_lang)], 3),
             "new_tokens": sum(o["new_tokens"] for o in outputs),
+            "protection": protection,
         }
         for segment, output, kinds in zip(rows, outputs, errors):
             segment_rows.append({"direction": slug, "src": segment.src, "ref": segment.ref, "hyp": output["hyp"],
                                  "chrf++": sentence_chrf(output["hyp"], segment.ref), "errors": kinds,
-                                 "hit_limit": output["hit_limit"]})
+                                 "hit_limit": output["hit_limit"],
+                                 **({"hyp_unprotected": output["hyp_unprotected"]} if output.get("protected") else {})})
     return directions, segment_rows
+
+
+def protection_scores(rows: Sequence[Segment], outputs: Sequence[dict], errors: Sequence[Sequence[str]], detector) -> dict:
+    """chrF++ and the lost-placeholder rate with placeholder protection (the hypotheses users get)
+    and without it (the same model on the raw source), over the direction's segments and over the
+    segments that have placeholders or markup."""
+    from packager.quality import corpus_scores, placeholders
+
+    refs = [s.ref for s in rows]
+    unprotected = [o.get("hyp_unprotected", o["hyp"]) for o in outputs]
+    lost_with = ["lost_placeholder" in kinds for kinds in errors]
+    lost_without = [bool(set(detector.detect(s.src, h, s.src_lang, s.tgt_lang)) & {"lost_placeholder"})
+                    if o.get("protected") else lost for s, h, o, lost in zip(rows, unprotected, outputs, lost_with)]
+    having = [bool(placeholders(s.src)) for s in rows]
+    n_having = sum(having)
+
+    def rate(flags: Sequence[bool], among: Sequence[bool] | None = None) -> float | None:
+        chosen = [f for f, a in zip(flags, among or [True] * len(flags)) if a]
+        return round(sum(chosen) / len(chosen), 4) if chosen else None
+
+    tgt_lang = rows[0].tgt_lang
+    return {
+        "segments_with_placeholders": n_having,
+        "segments_protected": sum(1 for o in outputs if o.get("protected")),
+        "sentinel_fallbacks": sum(o.get("sentinel_fallbacks", 0) for o in outputs),
+        "with": {"chrf++": corpus_scores([o["hyp"] for o in outputs], refs, tgt_lang)["chrf++"],
+                 "lost_placeholder": sum(lost_with), "lost_placeholder_rate": rate(lost_with),
+                 "lost_placeholder_rate_among_with_placeholders": rate(lost_with, having)},
+        "without": {"chrf++": corpus_scores(unprotected, refs, tgt_lang)["chrf++"],
+                    "lost_placeholder": sum(lost_without), "lost_placeholder_rate": rate(lost_without),
+                    "lost_placeholder_rate_among_with_placeholders": rate(lost_without, having)},
+    }
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -427,6 +460,12 @@ def summarize(directions: dict) -> dict:
         "error_rate": round(with_error / n, 4) if n else None,
         "reference_error_rate": round(sum(d["reference_error_rate"] * d["n"] for d in directions.values()) / n, 4) if n else None,
         "n": n,
+        "protection": {
+            side: {"chrf++": _mean([d["protection"][side]["chrf++"] for d in directions.values() if "protection" in d]),
+                   "lost_placeholder_rate": round(sum(d["protection"][side]["lost_placeholder"] for d in directions.values()
+                                                      if "protection" in d) / n, 4) if n else None}
+            for side in ("with", "without")
+        },
     }
 
 
