@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 BENCHMARKS = ("bench.calibration_bench", "bench.calibration_stream_bench", "bench.calibration_gguf_bench", "bench.gguf_bench",
-              "bench.onnx_bench", "bench.onnx_stream_bench")
+              "bench.onnx_bench", "bench.onnx_stream_bench", "bench.translate_bench")
 
 
 def main() -> int:
