@@ -4,10 +4,12 @@ calibrate (once, over every direction of every pack) -> for each pack x drop rat
 variant: plan -> prune -> export -> verify -> bundle; the parent is exported and verified
 once per variant (same format and quantization, for the ratios); then the report.
 
-Resumable: each step has a key, the sha256 of its settings and of its inputs' keys (input
-files are hashed once, by content). A step whose record in RUN_DIR/.steps/ carries the same
-key and whose outputs exist is skipped; anything else is (re)done. Stop it at any point and
-run the same command again.
+Resumable: each step has a key, the sha256 of its settings, of its inputs' keys (input
+files are hashed once, by content) and of the source files of the code that computes it
+(packager.code_version: the stage's module and every project module it imports). A step whose
+record in RUN_DIR/.steps/ carries the same key and whose outputs exist is skipped; anything
+else is (re)done, and so is every step downstream of it. Stop it at any point and run the same
+command again; after a code change, only what that code computes is done again.
 
 PACKS.toml (paths are relative to the TOML file):
 
@@ -78,6 +80,8 @@ FORMATS = ("gguf", "onnx")
 ALLOCATIONS = ("uniform", "dynamic", "inverted-dynamic")
 VARIANT_KEYS = ("format", "allocation", "ranker", "quant")
 UNQUANTIZED_GGUF_TYPES = ("F32", "F16", "BF16")  # a GGUF parent of these types may be quantized further
+# the module whose code writes a variant's files: format -> (Hugging Face parent, GGUF parent)
+EXPORTERS = {"gguf": ("converters.gguf.export", "converters.gguf.quantize"), "onnx": ("converters.onnx.export", None)}
 
 
 class BuildError(PackagerError):
@@ -356,6 +360,18 @@ def _key(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 
+def _code(module: str) -> str:
+    """Digest of the source files that `module` runs: a step's inputs carry it, so a code change
+    redoes the step and, through the keys that chain them, every step downstream."""
+    from packager.code_version import code_digest
+
+    return code_digest(module)
+
+
+def _step_key(step: Step) -> str:
+    return _key({"step": step.id, "inputs": step.inputs})
+
+
 class StepRunner:
     """Runs steps in order, skipping those whose record matches (resumable)."""
 
@@ -381,7 +397,7 @@ class StepRunner:
     def run(self, step: Step, index: int, total: int) -> None:
         from runtime.atomic import atomic_write_json
 
-        step.key = _key({"step": step.id, "inputs": step.inputs, "packager": __version__})
+        step.key = _step_key(step)
         prefix = f"[{index}/{total}] {step.title}"
         if self.up_to_date(step):
             step.status = "skipped"
@@ -543,7 +559,8 @@ def _build(config: BuildConfig, run_dir: Path, *, dry_run: bool, console, comman
     # calibration: once, every direction of every pack
     stats_path = run_dir / "calibration" / "stats.safetensors"
     calibration_inputs = {"parent": inputs["parent"], "data": inputs["calibration_data"], "pairs": config.all_pairs,
-                          "settings": config.calibration}
+                          "settings": config.calibration,
+                          "code": _code("packager.calibrate_gguf" if config.gguf_parent else "packager.calibrate")}
 
     def calibrate_step() -> None:
         from runtime.languages import parse_pair
@@ -569,7 +586,8 @@ def _build(config: BuildConfig, run_dir: Path, *, dry_run: bool, console, comman
     calibration_key = _key(calibration_inputs)
 
     verify_settings = {"limit": config.verify.get("limit"), "max_new_tokens": config.verify.get("max_new_tokens", 256),
-                       "n_bootstrap": config.verify.get("bootstrap", 1000), "threads": threads}
+                       "n_bootstrap": config.verify.get("bootstrap", 1000), "threads": threads,
+                       "code": _code("packager.verify")}
 
     def verify_step(model: Path, out: Path, pairs: Sequence[str], labels: dict, parent_metrics: Path | None) -> Callable[[], Any]:
         def run() -> None:
@@ -587,7 +605,8 @@ def _build(config: BuildConfig, run_dir: Path, *, dry_run: bool, console, comman
     for fmt in dict.fromkeys(v.format for v in config.variants):
         quant = tuple(dict.fromkeys(q for v in config.variants if v.format == fmt for q in v.quant))
         out_dir = run_dir / "parent" / fmt
-        export_inputs = {"model": inputs["parent"], "format": fmt, "quant": quant, "threads": threads}
+        export_inputs = {"model": inputs["parent"], "format": fmt, "quant": quant, "threads": threads,
+                         "code": _code(EXPORTERS[fmt][config.gguf_parent])}
         if config.gguf_parent:  # the parent file itself, plus what it is quantized to
             files = gguf_parent_files(config.parent, out_dir, quant, config.parent_gguf_type)
             quantized = {q: f for q, f in files.items() if f != config.parent}
@@ -619,8 +638,9 @@ def _build(config: BuildConfig, run_dir: Path, *, dry_run: bool, console, comman
                 plan_path = base / "plan.json"
                 pruned_dir = base / "pruned"
                 plan_inputs = {"stats": calibration_key, "langs": pack.langs, "direction": pack.direction, "drop": drop,
-                               "ranker": variant.ranker, "allocation": variant.allocation}
-                plan_key = _key(plan_inputs)
+                               "ranker": variant.ranker, "allocation": variant.allocation, "code": _code("packager.planning")}
+                prune_inputs = {"plan": _key(plan_inputs), "parent": inputs["parent"],
+                                "code": _code("converters.gguf.prune_gguf" if config.gguf_parent else "packager.prune")}
                 if (variant.allocation, variant.ranker) not in plans_done:
                     steps.append(Step(f"{pack.name}/{base.name}/plan", f"plan {pack.name} drop {drop:.0%} {variant.ranker}/{variant.allocation}",
                                       plan_inputs, [plan_path], _plan_runner(stats_path, plan_path, pack, drop, variant, command)))
@@ -630,11 +650,12 @@ def _build(config: BuildConfig, run_dir: Path, *, dry_run: bool, console, comman
                     else:
                         prune_run = _prune_runner(config.parent, plan_path, pruned_dir)
                     steps.append(Step(f"{pack.name}/{base.name}/prune", f"prune {pack.name} drop {drop:.0%} {variant.allocation}",
-                                      {"plan": plan_key, "parent": inputs["parent"]}, [pruned_dir], prune_run))
-                    plans_done[(variant.allocation, variant.ranker)] = (pruned_dir, plan_key)
-                pruned_dir, plan_key = plans_done[(variant.allocation, variant.ranker)]
+                                      prune_inputs, [pruned_dir], prune_run))
+                    plans_done[(variant.allocation, variant.ranker)] = (pruned_dir, _key(prune_inputs))
+                pruned_dir, prune_key = plans_done[(variant.allocation, variant.ranker)]
                 export_dir = base / variant.format
-                export_inputs = {"plan": plan_key, "format": variant.format, "quant": variant.quant, "threads": threads}
+                export_inputs = {"pruned": prune_key, "format": variant.format, "quant": variant.quant, "threads": threads,
+                                 "code": _code(EXPORTERS[variant.format][config.gguf_parent])}
                 if config.gguf_parent:
                     files = gguf_parent_files(pruned_dir, export_dir, variant.quant, config.parent_gguf_type)
                     quantized = {q: f for q, f in files.items() if f != pruned_dir}
@@ -661,7 +682,8 @@ def _build(config: BuildConfig, run_dir: Path, *, dry_run: bool, console, comman
                                       [metrics_path], verify_step(model_file, metrics_path, pack.pairs, labels, parent)))
                     bundle_dir = run_dir / "bundles" / name
                     outputs = [bundle_dir] + ([bundle_dir.with_name(bundle_dir.name + ".tar")] if config.archive else [])
-                    steps.append(Step(f"bundle/{name}", f"bundle {name}", {"verify": _key(verify_key), "archive": config.archive},
+                    steps.append(Step(f"bundle/{name}", f"bundle {name}",
+                                      {"verify": _key(verify_key), "archive": config.archive, "code": _code("packager.bundle")},
                                       outputs, _bundle_runner(model_file, metrics_path, bundle_dir, pack, config)))
                     bundles.append(bundle_dir)
                     metrics_files.append(metrics_path)
@@ -681,7 +703,7 @@ def _build(config: BuildConfig, run_dir: Path, *, dry_run: bool, console, comman
               "python": sys.version.split()[0], "steps": []}
     if dry_run:
         for step in steps:
-            step.key = _key({"step": step.id, "inputs": step.inputs, "packager": __version__})
+            step.key = _step_key(step)
             step.status = "up to date" if runner.up_to_date(step) else "to do"
             console.print(f"{step.status:>10}  {step.title}")
     else:

@@ -20,14 +20,14 @@ What runs (every number comes from this command; docs/results.md is generated fr
 5. Mask overlap: global IoU of the per-language masks next to random masks of the same
    per-layer sizes (packager.planning.compare_keeps).
 Every scored cell is cached under `OUT/cells/` by a key of model fingerprint, kept experts,
-direction, sample and decoding settings, and every pruned/distilled model under
+direction, sample, decoding settings and the code that computes it (packager.experiment_cells:
+an edit to the scorer or the generator computes the cells again), and every pruned/distilled model under
 `OUT/models/`, so an interrupted run continues where it stopped and a re-run only rebuilds
 the report. Results: `OUT/results.json`, `OUT/plots/*.png`, and the Markdown page.
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -43,16 +43,12 @@ from pathlib import Path
 from typing import Sequence
 
 from packager.errors import PackagerError
+from packager.experiment_cells import CellCache, canonical_keep, digest
+from packager.quality import mean_score
 
 logger = logging.getLogger(__name__)
 
 RESULTS_SCHEMA = "packager.experiments/1"
-CELL_FORMAT = "packager.experiment-cell/1"
-# generation bound per batch: 2 x the longest prompt + 10 tokens. Tighter than `packager
-# verify` (3x + 12) because looping outputs of damaged masks dominate the sweep's cost; a
-# loop is still caught by the repetition detector.
-NEW_TOKENS_PER_SOURCE_TOKEN = 2
-NEW_TOKENS_SLACK = 10
 ENGLISH = "en"
 
 
@@ -109,19 +105,6 @@ QUICK = ExperimentConfig(
 )
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
-
-
-def _canonical_keep(keep: dict[int, list[int]] | None):
-    return None if keep is None else {str(k): sorted(v) for k, v in sorted(keep.items())}
-
-
-def _mean(values) -> float | None:
-    values = [v for v in values if v is not None]
-    return round(sum(values) / len(values), 2) if values else None
-
-
 @dataclass
 class Segment:
     src: str
@@ -141,6 +124,7 @@ class Experiment:
         self.timings: dict[str, float] = {}
         self.cells_computed = 0
         self.cells_cached = 0
+        self.cells = CellCache(self.out_dir / "cells")
         for split in ("train", "dev", "test"):
             if not (self.data_dir / f"{split}.jsonl").is_file():
                 raise ExperimentError(f"{self.data_dir / f'{split}.jsonl'}: harvested split not found; run `make data-eval` "
@@ -219,66 +203,36 @@ class Experiment:
     def evaluate(self, fingerprint: str, slug: str, keep: dict[int, list[int]] | None = None, sample_idx: int = 0,
                  model=None, label: str = "", n: int | None = None) -> dict:
         """Scores of one model (optionally masked to `keep`) on one direction and sample (cached)."""
+        from packager import experiment_cells as cells
+
         config = self.config
-        key = {"format": CELL_FORMAT, "model": fingerprint, "keep": _canonical_keep(keep), "pair": slug,
-               "sample": sample_idx, "n": n or config.sample, "seed": config.seed, "test_sha256": self.test_sha,
-               "decoding": self.decoding(), "bootstrap": config.bootstrap}
-        path = self.out_dir / "cells" / f"{_digest(key)[:40]}.json"
-        if path.is_file():
-            cell = json.loads(path.read_text(encoding="utf-8"))
-            if cell.get("key") == key:
-                self.cells_cached += 1
-                self._advance()
-                return cell["metrics"]
-        from packager.distill import greedy_generate
-        from packager.masking import expert_mask
-
+        key = self.cells.key(model=fingerprint, keep=cells.canonical_keep(keep), pair=slug, sample=sample_idx,
+                             n=n or config.sample, seed=config.seed, test_sha256=self.test_sha, decoding=self.decoding(),
+                             bootstrap=config.bootstrap)
+        cached = self.cells.load(key)
+        if cached is not None:
+            self.cells_cached += 1
+            self._advance()
+            return cached
         segments = self.samples[slug][sample_idx][:n or config.sample]
-        model = model if model is not None else self.models[fingerprint]
-        prompts = [self.builder.encode(slug, s.src)[0] for s in segments]
-
-        def bound(longest_prompt: int) -> int:
-            return min(config.max_new_tokens, NEW_TOKENS_PER_SOURCE_TOKEN * longest_prompt + NEW_TOKENS_SLACK)
-
+        srcs, refs = [s.src for s in segments], [s.ref for s in segments]
         started = time.monotonic()
-        if keep is None:
-            outputs = greedy_generate(model, prompts, self.parent.eos_id, self.parent.pad_id, max_new_tokens=bound,
-                                      batch_size=config.batch_size)
-        else:
-            with expert_mask(model, keep):
-                outputs = greedy_generate(model, prompts, self.parent.eos_id, self.parent.pad_id, max_new_tokens=bound,
-                                          batch_size=config.batch_size)
+        outputs = cells.translate(model if model is not None else self.models[fingerprint],
+                                  [self.builder.encode(slug, src)[0] for src in srcs], self.parent.eos_id,
+                                  self.parent.pad_id, keep, config.max_new_tokens, config.batch_size)
         seconds = time.monotonic() - started
         hyps = [self.parent.tokenizer.decode(o["ids"], skip_special_tokens=True).strip() for o in outputs]
-        metrics = self.score(slug, segments, hyps)
+        metrics = cells.score(slug, srcs, refs, hyps, [ENGLISH] + self._languages(), config.bootstrap)
         metrics.update(hit_token_limit=sum(1 for o in outputs if not o["finished"]), seconds=round(seconds, 2))
-        from runtime.atomic import atomic_write_json
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(path, {"key": key, "label": label, "metrics": metrics,
-                                 "segments": [{"src": s.src, "ref": s.ref, "hyp": h} for s, h in zip(segments, hyps)]})
+        self.cells.store(key, label, metrics, srcs, refs, hyps)
         self.cells_computed += 1
         self._advance()
         return metrics
 
     def decoding(self) -> dict:
-        return {"kind": "greedy", "batch_size": self.config.batch_size,
-                "max_new_tokens": f"min({self.config.max_new_tokens}, {NEW_TOKENS_PER_SOURCE_TOKEN} x longest prompt "
-                                  f"in the batch + {NEW_TOKENS_SLACK})"}
+        from packager.experiment_cells import decoding
 
-    def score(self, slug: str, segments: list[Segment], hyps: list[str]) -> dict:
-        from packager.quality import ErrorDetector, corpus_scores, error_summary, usual_length_ratio
-
-        src_lang, tgt_lang = slug.split("-")
-        ratio = usual_length_ratio([s.src for s in segments], [s.ref for s in segments])
-        detector = ErrorDetector([ENGLISH] + self._languages(), {(src_lang, tgt_lang): ratio})
-        errors = [detector.detect(s.src, h, src_lang, tgt_lang) for s, h in zip(segments, hyps)]
-        reference_errors = [detector.detect(s.src, s.ref, src_lang, tgt_lang) for s in segments]
-        summary = error_summary(errors)
-        return {"src_lang": src_lang, "tgt_lang": tgt_lang, "n": len(segments),
-                **corpus_scores(hyps, [s.ref for s in segments], tgt_lang, n_bootstrap=self.config.bootstrap),
-                "errors": summary["counts"], "error_rate": summary["rate"],
-                "reference_error_rate": error_summary(reference_errors)["rate"]}
+        return decoding(self.config.batch_size, self.config.max_new_tokens)
 
     def _advance(self) -> None:
         if getattr(self, "_bar", None) is not None:
@@ -287,10 +241,9 @@ class Experiment:
     # ---- stages -----------------------------------------------------------------------------------------
     @staticmethod
     def summarize(directions: dict) -> dict:
-        n = sum(d["n"] for d in directions.values())
-        errors = sum(round(d["error_rate"] * d["n"]) for d in directions.values())
-        return {"chrf++": _mean(d["chrf++"] for d in directions.values()), "bleu": _mean(d["bleu"] for d in directions.values()),
-                "error_rate": round(errors / n, 4) if n else None, "n": n}
+        from packager.quality import summarize_directions
+
+        return summarize_directions(directions)
 
     def pack_slugs(self, langs: Sequence[str]) -> list[str]:
         return [f"{ENGLISH}-{lang}" for lang in langs]
@@ -319,7 +272,7 @@ class Experiment:
         counts = [len(keep[layer_idx]) for layer_idx in sorted(keep)]
         return {**row, "drop_effective": round(meta["drop_ratio_effective"], 4), "counts": counts,
                 "tensor_bytes": pruned_bytes(self.tensor_bytes, self.expert_bytes, keep),
-                "keep_sha256": _digest(_canonical_keep(keep)), "directions": directions, "mean": self.summarize(directions)}
+                "keep_sha256": digest(canonical_keep(keep)), "directions": directions, "mean": self.summarize(directions)}
 
     def sweep(self) -> list[dict]:
         config = self.config
@@ -347,7 +300,7 @@ class Experiment:
                 rows = [r for r in sweep if r["pack"] == pack and r["ranker"] == ranker and r["allocation"] == allocation
                         and r["drop"] in config.best_drops and "error" not in r]
                 if len(rows) == len(config.best_drops):
-                    scores[(ranker, allocation)] = _mean(r["mean"]["chrf++"] for r in rows)
+                    scores[(ranker, allocation)] = mean_score(r["mean"]["chrf++"] for r in rows)
         if not scores:
             raise ExperimentError(f"no (ranker, allocation) of pack {pack} has results at drops {config.best_drops}")
         order = {(r, a): i for i, (r, a) in enumerate((r, a) for r in config.rankers for a in config.allocations)}

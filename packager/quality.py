@@ -357,3 +357,32 @@ def error_summary(per_segment: Sequence[Sequence[str]]) -> dict:
     total = len(per_segment)
     return {"counts": counts, "segments_with_error": with_error, "n": total,
             "rate": round(with_error / total, 4) if total else None}
+
+
+def score_direction(srcs: Sequence[str], refs: Sequence[str], hyps: Sequence[str], src_lang: str, tgt_lang: str,
+                    detector: "ErrorDetector", n_bootstrap: int = 0) -> tuple[dict, list[list[str]]]:
+    """The scores of one direction that verify and the experiments both report: chrF++, BLEU,
+    generation errors of the hypotheses and of the references (the detectors' own noise floor).
+    Also returns each hypothesis's error kinds."""
+    errors = [detector.detect(s, h, src_lang, tgt_lang) for s, h in zip(srcs, hyps)]
+    reference_errors = [detector.detect(s, r, src_lang, tgt_lang) for s, r in zip(srcs, refs)]
+    summary = error_summary(errors)
+    return {"src_lang": src_lang, "tgt_lang": tgt_lang, "n": len(hyps),
+            **corpus_scores(hyps, refs, tgt_lang, n_bootstrap=n_bootstrap),
+            "errors": summary["counts"], "error_rate": summary["rate"],
+            "reference_error_rate": error_summary(reference_errors)["rate"]}, errors
+
+
+def mean_score(values: Iterable[float | None]) -> float | None:
+    """Unweighted mean over directions (each direction counts once), ignoring missing scores."""
+    values = [v for v in values if v is not None]
+    return round(sum(values) / len(values), 2) if values else None
+
+
+def summarize_directions(directions: dict) -> dict:
+    """Mean chrF++ and BLEU over directions, and the error rate over all their segments."""
+    n = sum(d["n"] for d in directions.values())
+    with_error = sum(round(d["error_rate"] * d["n"]) for d in directions.values() if d["error_rate"] is not None)
+    return {"chrf++": mean_score(d["chrf++"] for d in directions.values()),
+            "bleu": mean_score(d["bleu"] for d in directions.values()),
+            "error_rate": round(with_error / n, 4) if n else None, "n": n}

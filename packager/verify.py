@@ -372,7 +372,7 @@ def _check_coverage(description: dict, pairs, model: str | os.PathLike) -> None:
 
 def score_directions(segments: dict[str, list[Segment]], hyps: dict[str, list[dict]], n_bootstrap: int) -> tuple[dict, list[dict]]:
     """Per-direction quality and generation errors; also the per-segment rows."""
-    from packager.quality import ErrorDetector, corpus_scores, error_summary, sentence_chrf, usual_length_ratio
+    from packager.quality import ErrorDetector, score_direction, sentence_chrf, usual_length_ratio
 
     languages = sorted({s.src_lang for rows in segments.values() for s in rows} | {s.tgt_lang for rows in segments.values() for s in rows})
     ratios = {}
@@ -386,21 +386,12 @@ def score_directions(segments: dict[str, list[Segment]], hyps: dict[str, list[di
         if not kept:
             raise VerifyError(f"every {slug} test segment is longer than the model's context; use a model with a longer context")
         rows, outputs = [s for s, _ in kept], [o for _, o in kept]
-        texts = [o["hyp"] for o in outputs]
-        errors = [detector.detect(s.src, h, s.src_lang, s.tgt_lang) for s, h in zip(rows, texts)]
-        reference_errors = [detector.detect(s.src, s.ref, s.src_lang, s.tgt_lang) for s in rows]
-        scores = corpus_scores(texts, [s.ref for s in rows], rows[0].tgt_lang, n_bootstrap=n_bootstrap)
-        summary = error_summary(errors)
+        scores, errors = score_direction([s.src for s in rows], [s.ref for s in rows], [o["hyp"] for o in outputs],
+                                         rows[0].src_lang, rows[0].tgt_lang, detector, n_bootstrap)
         protection = protection_scores(rows, outputs, errors, detector)
         directions[slug] = {
-            "src_lang": rows[0].src_lang,
-            "tgt_lang": rows[0].tgt_lang,
-            "n": len(rows),
-            "skipped_too_long": len(all_rows) - len(rows),
             **scores,
-            "errors": summary["counts"],
-            "error_rate": summary["rate"],
-            "reference_error_rate": error_summary(reference_errors)["rate"],
+            "skipped_too_long": len(all_rows) - len(rows),
             "hit_token_limit": sum(1 for o in outputs if o["hit_limit"]),
             "usual_length_ratio": round(ratios[(rows[0].src_lang, rows[0].tgt_lang)], 3),
             "new_tokens": sum(o["new_tokens"] for o in outputs),
@@ -446,22 +437,17 @@ def protection_scores(rows: Sequence[Segment], outputs: Sequence[dict], errors: 
     }
 
 
-def _mean(values: Sequence[float | None]) -> float | None:
-    values = [v for v in values if v is not None]
-    return round(sum(values) / len(values), 2) if values else None
-
-
 def summarize(directions: dict) -> dict:
+    """The shared summary (packager.quality.summarize_directions) plus the reference error rate
+    and the protection effect."""
+    from packager.quality import mean_score, summarize_directions
+
     n = sum(d["n"] for d in directions.values())
-    with_error = sum(round(d["error_rate"] * d["n"]) for d in directions.values() if d["error_rate"] is not None)
     return {
-        "chrf++": _mean([d["chrf++"] for d in directions.values()]),
-        "bleu": _mean([d["bleu"] for d in directions.values()]),
-        "error_rate": round(with_error / n, 4) if n else None,
+        **summarize_directions(directions),
         "reference_error_rate": round(sum(d["reference_error_rate"] * d["n"] for d in directions.values()) / n, 4) if n else None,
-        "n": n,
         "protection": {
-            side: {"chrf++": _mean([d["protection"][side]["chrf++"] for d in directions.values() if "protection" in d]),
+            side: {"chrf++": mean_score(d["protection"][side]["chrf++"] for d in directions.values() if "protection" in d),
                    "lost_placeholder_rate": round(sum(d["protection"][side]["lost_placeholder"] for d in directions.values()
                                                       if "protection" in d) / n, 4) if n else None}
             for side in ("with", "without")

@@ -149,6 +149,21 @@ def test_resume_skips_finished_steps(first_build, work):
     assert {step["status"] for step in planned["steps"][:-1]} == {"up to date"}
 
 
+@pytest.mark.parametrize("module, redone", [
+    ("packager.verify", lambda step_id: step_id.endswith("/verify") or step_id.startswith("bundle/")),
+    ("packager.prune", lambda step_id: "d50-" in step_id and not step_id.endswith("/plan")),
+    ("packager.calibrate", lambda step_id: not step_id.startswith("parent/")),
+], ids=["verify", "prune", "calibrate"])
+def test_a_code_change_redoes_its_steps_and_those_downstream(first_build, work, monkeypatch, module, redone):
+    import packager.build as build_module
+
+    real = build_module._code
+    monkeypatch.setattr(build_module, "_code", lambda name: real(name) + ("-edited" if name == module else ""))
+    planned = build(work / "packs.toml", work / "run", console=quiet(), dry_run=True)
+    statuses = {step["id"]: step["status"] for step in planned["steps"] if step["id"] != "report"}
+    assert statuses == {step_id: "to do" if redone(step_id) else "up to date" for step_id in statuses}
+
+
 def test_a_second_build_into_the_same_run_dir_is_refused(first_build, work):
     import os
 

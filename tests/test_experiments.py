@@ -4,6 +4,7 @@ page, and a re-run that computes nothing (every cell cached)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -14,6 +15,8 @@ from test_distill import _write_bpe_tokenizer
 from tiny_models import build_tiny
 
 import packager.distill as distill_module
+import packager.experiment_cells as cells_module
+from packager.code_version import code_digest
 from packager.checkpoint import CheckpointReader
 from packager.experiments import QUICK, RESULTS_SCHEMA, Experiment, ExperimentError
 from packager.planning import PlanSettings, global_iou, plan_keep
@@ -160,6 +163,27 @@ def test_rerun_reuses_every_cell(setup, monkeypatch):
     assert again["cells"]["cached"] == results["cells"]["computed"] + results["cells"]["cached"]
     for key in ("sweep", "parent", "best_plan", "noise", "overlap"):
         assert again[key] == results[key]
+
+
+def test_a_changed_scorer_invalidates_cached_cells(setup, tmp_path, monkeypatch):
+    work, model, data, results = setup
+    source = tmp_path / "source"  # the project's code with one edit to the scorer
+    for package in ("packager", "converters", "runtime"):
+        shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    scorer = source / "packager" / "quality.py"
+    scorer.write_text(scorer.read_text(encoding="utf-8") + "\nLENGTH_RATIO_TOLERANCE = 2.5\n", encoding="utf-8")
+    edited = code_digest("packager.experiment_cells", root=source)
+    assert edited != cells_module.cell_code()
+
+    experiment = Experiment(model, data, work / "out", CONFIG, None, show_progress=False, command="test")
+    experiment.load_parent()
+    experiment.load_samples()
+    cached = experiment.evaluate(experiment.parent.fingerprint, "en-de")
+    assert (experiment.cells_cached, experiment.cells_computed) == (1, 0)
+    monkeypatch.setattr(cells_module, "cell_code", lambda: edited)
+    computed = experiment.evaluate(experiment.parent.fingerprint, "en-de")
+    assert (experiment.cells_cached, experiment.cells_computed) == (1, 1)
+    assert {k: v for k, v in computed.items() if k != "seconds"} == {k: v for k, v in cached.items() if k != "seconds"}
 
 
 def test_missing_data_is_one_error_line(tmp_path):
