@@ -134,3 +134,82 @@ def show_command(path: Path, n_experts: int | None) -> None:
     kept = sum(len(ids) for ids in plan.keep.values())
     click.echo(f"kept {kept} of {total * len(plan.keep)} experts; "
                f"{'one count for every layer (GGUF-loadable)' if plan.is_uniform() else 'per-layer counts differ (ONNX only)'}")
+
+
+@plan_group.command("search")
+@click.argument("stats_path", metavar="STATS", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="the parent")
+@click.option("--dev", "dev_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="JSONL dev records {src_lang, tgt_lang, src, tgt} (never the test split)")
+@click.option("--langs", required=True, help="the pack's languages besides English, e.g. 'de,fr'")
+@click.option("--direction", type=click.Choice(DIRECTIONS), default="en-x", show_default=True)
+@click.option("--max-file-mb", "max_file", default=None, metavar="FORMAT:QUANT=MB",
+              help="model file budget, e.g. gguf:Q8_0=10, onnx:int8=25, safetensors=60 (MB = 10^6 bytes)")
+@click.option("--max-ram-mb", type=float, default=None, help="estimated runtime footprint budget (file + KV cache + overhead)")
+@click.option("--ram-overhead-mb", type=float, default=0.0, show_default=True, help="runtime baseline added to the RAM estimate")
+@click.option("--ctx", "ctx_tokens", type=int, default=512, show_default=True, help="context length of the RAM estimate's KV cache")
+@click.option("--drop", "min_drop", type=float, default=None, help="drop at least this share of routed experts")
+@click.option("--max-loss", type=float, default=None, help="at most this many dev chrF++ points below the parent")
+@click.option("--size-format", default=None, help="format of the size axis without a file budget [default: safetensors]")
+@click.option("--rankers", default=",".join(("routing-mass", "frequency", "reap")), show_default=True)
+@click.option("--allocations", default=",".join(ALLOCATIONS), show_default=True)
+@click.option("--drops", default="0.25,0.5,0.625,0.75,0.875", show_default=True, help="drop ratios of the grid")
+@click.option("--dev-n", type=int, default=100, show_default=True, help="dev sentences per direction")
+@click.option("--proxy", type=click.Choice(("kl", "nll")), default="kl", show_default=True)
+@click.option("--refine-steps", type=int, default=8, show_default=True, help="slot moves of the refinement (0: none)")
+@click.option("--threads", type=int, default=1, show_default=True)
+@click.option("--work", "work_dir", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="cache directory (resumable) [default: OUT.search/]")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="the chosen plan")
+@click.option("--force", is_flag=True, help="overwrite --out if it exists")
+def search_command(stats_path: Path, model_dir: Path, dev_path: Path, langs: str, direction: str, max_file: str | None,
+                   max_ram_mb: float | None, ram_overhead_mb: float, ctx_tokens: int, min_drop: float | None,
+                   max_loss: float | None, size_format: str | None, rankers: str, allocations: str, drops: str, dev_n: int,
+                   proxy: str, refine_steps: int, threads: int, work_dir: Path | None, out_path: Path, force: bool) -> None:
+    """The best plan under budgets: grid + refinement in mask mode on a dev split; writes the plan,
+    OUT.frontier.json and OUT.frontier.png."""
+    from packager import __version__
+    from packager.errors import OutputExistsError
+    from packager.fingerprint import file_sha256
+    from packager.plan_search import Budgets, SearchError, SearchSettings, parse_size_budget, search, write_outputs
+    from packager.stats import RoutingStats
+
+    if out_path.exists() and not force:
+        raise OutputExistsError(f"{out_path}: already exists: pass --force to overwrite it or choose another --out")
+    fmt, max_bytes = parse_size_budget(max_file) if max_file else (size_format or "safetensors", None)
+    if max_file and size_format and size_format != fmt:
+        raise SearchError(f"--size-format {size_format} differs from the --max-file-mb format {fmt}: give one")
+    budgets = Budgets(size_format=fmt, max_file_bytes=max_bytes,
+                      max_ram_bytes=None if max_ram_mb is None else int(max_ram_mb * 1_000_000), min_drop=min_drop,
+                      max_loss=max_loss, ram_overhead_bytes=int(ram_overhead_mb * 1_000_000), ctx_tokens=ctx_tokens)
+    try:
+        drop_list = tuple(float(d) for d in drops.split(",") if d.strip())
+    except ValueError:
+        raise SearchError(f"--drops {drops!r}: give comma-separated ratios such as 0.5,0.75") from None
+    if min_drop is not None and min_drop not in drop_list:
+        drop_list = tuple(sorted(drop_list + (min_drop,)))
+    settings = SearchSettings(langs=tuple(langs.split(",")), direction=direction,
+                              rankers=tuple(r.strip() for r in rankers.split(",") if r.strip()),
+                              allocations=tuple(a.strip() for a in allocations.split(",") if a.strip()),
+                              drops=drop_list, dev_n=dev_n, proxy=proxy, refine_steps=refine_steps, threads=threads)
+    stats = RoutingStats.load(stats_path)
+    work = work_dir or out_path.with_name(out_path.name + ".search")
+    provenance = {"command": shlex.join(sys.argv), "stats": {"path": str(stats_path), "sha256": file_sha256(stats_path)},
+                  "dev": {"path": str(dev_path), "sha256": file_sha256(dev_path)},
+                  "versions": {"packager": __version__}, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    result = search(stats, model_dir, dev_path, budgets, settings, work, progress=True, provenance=provenance)
+    frontier_json = out_path.with_suffix(".frontier.json")
+    write_outputs(result, out_path, frontier_json, out_path.with_suffix(".frontier.png"))
+    corr = result.correlation["spearman_proxy_vs_chrf"]
+    click.echo(f"{len(result.rows)} plans scored ({result.cells['computed']} computed, {result.cells['reused']} cached); "
+               f"parent dev chrF++ {result.parent['chrf++']:.1f}; proxy {proxy} rank correlation with chrF++ "
+               f"{'n/a' if corr is None else f'{corr:+.2f}'}")
+    for point in result.frontier:
+        click.echo(f"  frontier {point['size_bytes'] / 1e6:9.3f} MB  chrF++ {point['chrf++']:5.1f}  "
+                   f"errors {point['error_rate']:.0%}  {point['name']}")
+    if result.chosen is None:
+        raise SearchError(f"no plan meets the budgets (frontier written to {frontier_json}): relax a budget")
+    chosen = result.chosen
+    click.echo(f"plan written to {out_path}: {chosen['name']}, {chosen['size_bytes'] / 1e6:.3f} MB ({fmt}), "
+               f"dev chrF++ {chosen['chrf++']:.1f} (parent {result.parent['chrf++']:.1f}), errors {chosen['error_rate']:.0%}, "
+               f"per layer {chosen['counts']}; frontier: {frontier_json}")
