@@ -168,9 +168,12 @@ def _versions() -> dict:
 
 def prune_checkpoint(model_dir: str | os.PathLike, plan: Plan | str | os.PathLike, out_dir: str | os.PathLike,
                      force: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                     hash_inputs: bool | None = None, progress: bool = False) -> Path:
+                     hash_inputs: bool | None = None, progress: bool = False,
+                     replacements: dict[str, bytes] | None = None, extra_provenance: dict | None = None) -> Path:
     """Write a pruned copy of `model_dir` keeping `plan.keep` experts per MoE layer into `out_dir`.
 
+    `replacements` (input tensor name -> bytes of the same dtype and shape) writes new bytes for
+    a kept tensor, e.g. merged experts (packager.merge); `extra_provenance` joins pruning.json.
     Everything is validated before anything is written; the output appears atomically."""
     started = time.monotonic()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -203,24 +206,36 @@ def prune_checkpoint(model_dir: str | os.PathLike, plan: Plan | str | os.PathLik
             logger.info("config: %s = %s (non-uniform: load with packager.load_pruned)",
                         PER_LAYER_COUNTS_KEY, new_config[PER_LAYER_COUNTS_KEY])
 
-        outputs = []  # (out_name, dtype, shape, byte ranges) in input storage order
+        replacements = replacements or {}
+        for name, data in replacements.items():
+            action = actions.get(name)
+            if action is None or action.rows is not None or len(data) != reader.info(name).nbytes:
+                raise CheckpointError(f"{model_dir}: replacement for {name!r} is not a kept whole tensor of "
+                                      f"{reader.info(name).nbytes if name in actions else '?'} bytes")
+        outputs = []  # (out_name, dtype, shape, byte ranges or replacement bytes) in input storage order
         for info in reader.infos():
             action = actions[info.name]
             if action is None:
                 continue
-            if action.rows is None:
+            if info.name in replacements:
+                outputs.append((action.out_name, info.dtype, info.shape, replacements[info.name]))
+            elif action.rows is None:
                 outputs.append((action.out_name, info.dtype, info.shape, [(info.path, info.offset, info.nbytes)]))
             else:
                 shape = (len(action.rows),) + info.shape[1:]
                 outputs.append((action.out_name, info.dtype, shape, info.row_ranges(action.rows)))
-        kept_bytes = sum(length for *_, ranges in outputs for _, _, length in ranges)
+        kept_bytes = sum(len(ranges) if isinstance(ranges, bytes) else sum(length for _, _, length in ranges)
+                         for *_, ranges in outputs)
         with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, force=force) as writer:
             bar = _progress_bar(progress, kept_bytes)
             if bar is not None:
                 writer.on_written = lambda nbytes: bar[0].advance(bar[1], nbytes)
             try:
                 for out_name, dtype, shape, ranges in outputs:
-                    writer.add_ranges(out_name, dtype, shape, ranges)
+                    if isinstance(ranges, bytes):
+                        writer.add_bytes(out_name, dtype, shape, ranges)
+                    else:
+                        writer.add_ranges(out_name, dtype, shape, ranges)
                 new_fingerprint = _pruned_fingerprint(reader, arch, new_config, keep)
                 atomic_write_json(writer.staging_dir / CONFIG_NAME, new_config)
                 copied = _copy_side_files(model_dir, writer.staging_dir)
@@ -241,6 +256,9 @@ def prune_checkpoint(model_dir: str | os.PathLike, plan: Plan | str | os.PathLik
                     "versions": _versions(),
                     "created_unix": int(time.time()),
                 }
+                if extra_provenance:
+                    provenance.update(extra_provenance)
+                    provenance["parent_expert_counts"] = {str(i): arch.n_experts(config, i) for i in sorted(keep)}
                 atomic_write_json(writer.staging_dir / PROVENANCE_NAME, provenance)
                 out = writer.finalize()
             finally:
@@ -303,9 +321,17 @@ def read_provenance(model_dir: str | os.PathLike) -> dict | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        provenance = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if isinstance(provenance, dict) and provenance.get("reduce") == "merge":
+        from packager.merge import MergeError, check_merge_record
+
+        try:
+            check_merge_record(provenance, {int(k): v for k, v in (provenance.get("keep") or {}).items()}, str(path))
+        except MergeError as exc:
+            raise CheckpointError(str(exc)) from None
+    return provenance
 
 
 __all__ = ["describe_prune", "prune_checkpoint", "read_provenance", "PROVENANCE_NAME"]

@@ -38,11 +38,40 @@ class ByteSize(click.ParamType):
 @click.option("--hash-inputs/--hash-headers", "hash_inputs", default=None,
               help="provenance: full sha256 of input shards, or of their headers (default: full up to 2 GiB)")
 @click.option("--dry-run", is_flag=True, help="validate the plan and print what would be written; write nothing")
+@click.option("--reduce", type=click.Choice(("drop", "merge")), default="drop", show_default=True,
+              help="drop the experts the plan leaves out, or merge each into its most similar kept expert")
+@click.option("--stats", "stats_path", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="--reduce merge: routing statistics (routing-mass merge weights)")
+@click.option("--calib", "calib", multiple=True, type=click.Path(dir_okay=False, path_type=str),
+              help="--reduce merge: JSONL records whose tokens pick each dropped expert's partner; repeatable")
+@click.option("--merge-map", "merge_map_path", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="--reduce merge: JSON {layer: [[dropped, kept], ...]} instead of choosing partners")
 def prune_command(model: str, plan_path: str, out_dir: str, force: bool, max_shard_bytes: int,
-                  hash_inputs: bool | None, dry_run: bool) -> None:
+                  hash_inputs: bool | None, dry_run: bool, reduce: str, stats_path: str | None, calib: tuple[str, ...],
+                  merge_map_path: str | None) -> None:
     """Write a copy of MODEL that keeps only the experts listed in the plan."""
     from packager.plan_file import Plan
     from packager.prune import describe_prune, prune_checkpoint
+
+    if reduce == "merge" and not dry_run:
+        import json
+        from pathlib import Path
+
+        from packager.merge import MergeError, merge_prune
+        from packager.stats import RoutingStats
+
+        if stats_path is None:
+            raise MergeError("--reduce merge needs --stats (merge weights are the pack's routing mass)")
+        merge_map = None
+        if merge_map_path is not None:
+            try:
+                merge_map = json.loads(Path(merge_map_path).read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as exc:
+                raise MergeError(f"{merge_map_path}: not a readable JSON merge map ({exc})") from None
+        out = merge_prune(model, Plan.load(plan_path), out_dir, stats=RoutingStats.load(stats_path),
+                          calib=[Path(c) for c in calib], merge_map=merge_map, force=force, progress=True)
+        click.echo(f"merged and pruned checkpoint written to {out} (merge map in pruning.json)")
+        return
 
     if dry_run:
         summary = describe_prune(model, Plan.load(plan_path))
