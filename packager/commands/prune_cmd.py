@@ -46,12 +46,36 @@ class ByteSize(click.ParamType):
               help="--reduce merge: JSONL records whose tokens pick each dropped expert's partner; repeatable")
 @click.option("--merge-map", "merge_map_path", default=None, type=click.Path(dir_okay=False, path_type=str),
               help="--reduce merge: JSON {layer: [[dropped, kept], ...]} instead of choosing partners")
+@click.option("--top-k", "top_k", type=int, default=None,
+              help="also serve the output with this many experts per token (fewer than the model's top-k; packager.topk)")
 def prune_command(model: str, plan_path: str, out_dir: str, force: bool, max_shard_bytes: int,
                   hash_inputs: bool | None, dry_run: bool, reduce: str, stats_path: str | None, calib: tuple[str, ...],
-                  merge_map_path: str | None) -> None:
+                  merge_map_path: str | None, top_k: int | None) -> None:
     """Write a copy of MODEL that keeps only the experts listed in the plan."""
     from packager.plan_file import Plan
     from packager.prune import describe_prune, prune_checkpoint
+
+    if top_k is not None and not dry_run:
+        import shutil
+        from pathlib import Path
+
+        from packager.errors import OutputExistsError
+        from packager.topk import reduce_top_k
+
+        final = Path(out_dir)
+        if final.exists() and not force:
+            raise OutputExistsError(f"{final}: output path exists; choose another path or pass --force")
+        staged = final.with_name(f".{final.name}.before-top-k")
+        ctx = click.get_current_context()
+        try:
+            ctx.invoke(prune_command, model=model, plan_path=plan_path, out_dir=str(staged), force=True,
+                       max_shard_bytes=max_shard_bytes, hash_inputs=hash_inputs, dry_run=False, reduce=reduce,
+                       stats_path=stats_path, calib=calib, merge_map_path=merge_map_path, top_k=None)
+            reduce_top_k(staged, final, top_k, force=force)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        click.echo(f"{final}: served with top-k {top_k} (reduction.json)")
+        return
 
     if reduce == "merge" and not dry_run:
         import json
