@@ -22,7 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = Path(os.environ.get("EDGE_DEFAULT_MODEL", ROOT / "models" / "default"))
-TEST_SPLIT = ROOT / "data" / "harvest" / "test.jsonl"
+TEST_SPLIT = ROOT / "data" / "harvest" / "eval" / "test.jsonl"  # the fixed split: the same whatever else was harvested
 TOLERANCE = 1e-4
 N_GREEDY = 8
 MAX_NEW_TOKENS = 32

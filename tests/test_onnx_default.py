@@ -27,7 +27,7 @@ from runtime.schema import ExportConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "models" / "default"
-HARVEST = REPO / "data" / "harvest" / "test.jsonl"
+HARVEST = REPO / "data" / "harvest" / "eval" / "test.jsonl"  # the fixed split
 TOLERANCE = 1e-3
 N_SENTENCES = 6
 MAX_NEW_TOKENS = 24

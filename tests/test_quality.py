@@ -22,7 +22,7 @@ from packager.quality import (
 )
 from runtime.languages import parse_language
 
-HARVEST_TEST = Path(__file__).resolve().parents[1] / "data" / "harvest" / "test.jsonl"
+HARVEST_TEST = Path(__file__).resolve().parents[1] / "data" / "harvest" / "eval" / "test.jsonl"  # the fixed split
 
 
 @pytest.fixture(scope="module")
