@@ -473,7 +473,7 @@ def render_html(packs_rows: dict[str, list[dict]], plots: dict[str, str], info: 
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Size vs quality report</title><style>{CSS}</style></head><body>",
              "<h1>Edge translation bundles: size vs quality</h1>",
              f"<p class='meta'>{info['n_models']} verified models in {len(packs_rows)} language pack(s) · test set "
-             f"<code>{html.escape(', '.join(info['test_files']))}</code> · generated {html.escape(info['created'])} by packager {__version__}</p>"]
+             f"<code>{html.escape(', '.join(f'{name} ({digest[:19]})' for name, digest in sorted(info['test_splits'].items())) or ', '.join(info['test_files']))}</code> · generated {html.escape(info['created'])} by packager {__version__}</p>"]
     for pack, rows in packs_rows.items():
         parts.append(f"<h2>Pack {html.escape(pack)}</h2>")
         directions = ", ".join(sorted({d for r in rows for d in r["directions"]}))
@@ -538,6 +538,9 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     info = {
         "n_models": len(runs),
         "test_files": sorted({run.metrics.get("test", {}).get("file", "") for run in runs}),
+        # content hash of each test split, so two reports can be told to score the same data
+        "test_splits": {run.metrics.get("test", {}).get("file", ""): "sha256:" + run.metrics.get("test", {}).get("sha256", "")
+                        for run in runs if run.metrics.get("test", {}).get("sha256")},
         "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     try:
@@ -561,6 +564,7 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
             "created": info["created"],
             "packager_version": __version__,
             "inputs": {str(run.path): file_sha256(run.path) for run in runs},
+            "test_splits": info["test_splits"],
             "signatures": sorted({d.get("chrf_signature") for run in runs for d in run.metrics["directions"].values()
                                   if d.get("chrf_signature")} | {d.get("bleu_signature") for run in runs
                                                                  for d in run.metrics["directions"].values() if d.get("bleu_signature")}),

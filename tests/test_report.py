@@ -34,7 +34,7 @@ def metrics(directions: dict, *, fmt="gguf", quant="F16", file_bytes=1_000_000, 
         "footprint": {"file_bytes": file_bytes, "peak_rss_bytes": peak, "peak_rss_anon_bytes": peak // 2,
                       "peak_rss_above_baseline_bytes": peak - 30_000_000, "load_seconds": 0.1,
                       "prefill_tokens_per_second": 1000.0, "decode_tokens_per_second": 100.0, "threads": 2},
-        "test": {"file": "data/harvest/test.jsonl"},
+        "test": {"file": "data/harvest/eval/test.jsonl", "sha256": "ab" * 32},
     }
 
 
@@ -111,6 +111,9 @@ def test_report_outputs(runs, tmp_path):
     assert report["packs"]["en->de"]["directions"] == ["en-de"]
     assert len(report["provenance"]["inputs"]) == 6
     assert report["provenance"]["command"] == "packager report runs --out report"
+    # the content hash of the test split is on the page and in the JSON
+    assert report["provenance"]["test_splits"] == {"data/harvest/eval/test.jsonl": "sha256:" + "ab" * 32}
+    assert "data/harvest/eval/test.jsonl (sha256:abababababab)" in page
     markdown = (out / "report.md").read_text()
     assert "### en->de" in markdown and "### en->fr,es" in markdown
     assert "| de-0.5 | gguf F16 | routing-mass / uniform | 50% | 0.6 (×0.60) | 40.0 (×0.80) | 100 | 44.0 | -6.0 | 10.0% |" in markdown
