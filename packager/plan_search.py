@@ -664,8 +664,14 @@ def search(stats, model_dir: Path, dev_path: Path, budgets: Budgets, settings: S
             "spearman_proxy_vs_chrf": spearman(xs, [r["chrf++"] for r in grid_rows]),
             "spearman_kl_vs_chrf": spearman([-r["kl"] for r in grid_rows], [r["chrf++"] for r in grid_rows]),
             "spearman_nll_vs_chrf": spearman([-r["nll"] for r in grid_rows], [r["chrf++"] for r in grid_rows]),
-            "note": "Spearman rank correlation over the grid candidates of -proxy with dev chrF++ (+1: same order)",
+            "note": "Spearman rank correlation over the grid candidates of -proxy with dev chrF++ (+1: same order); "
+                    "within_drop: the same among the candidates of one drop ratio (plans of one size)",
+            "within_drop": {},
         }
+        for drop in sorted({r["drop"] for r in grid_rows}):
+            same = [r for r in grid_rows if r["drop"] == drop]
+            correlation["within_drop"][f"{drop:g}"] = {
+                "n": len(same), "spearman": spearman([-r["proxy"] for r in same], [r["chrf++"] for r in same])}
         chosen = choose(rows, budgets)
         refinement = {"ran": False}
         if chosen is not None and not uniform_only and settings.refine_steps > 0:

@@ -154,3 +154,12 @@ def test_helpers():
     points = [{"name": n, "size_bytes": s, "chrf++": q} for n, s, q in
               (("a", 1, 10), ("b", 2, 9), ("c", 2, 12), ("d", 3, 12), ("e", 4, 20))]
     assert [p["name"] for p in pareto_frontier(points)] == ["a", "c", "e"]
+
+
+def test_within_drop_correlation(setup):
+    result = _run(setup, Budgets(), "within")
+    grid = [r for r in result.rows if r["origin"] == "grid"]
+    for drop, entry in result.correlation["within_drop"].items():
+        same = [r for r in grid if f"{r['drop']:g}" == drop]
+        assert entry["n"] == len(same)
+        assert entry["spearman"] == spearman([-r["proxy"] for r in same], [r["chrf++"] for r in same])
