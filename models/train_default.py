@@ -38,13 +38,24 @@ from pathlib import Path
 MODEL_LANGS = ("en", "de", "fr", "es", "ru", "ja", "zh")
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|sep|>"] + [f"<|{code}|>" for code in MODEL_LANGS]
 CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
+    "{#- Translation prompt. Languages come from, in order: the source_lang / target_lang variables, a first system message 'en->de' (source->target codes), the default direction below (written per export). -#}"
+    "{%- set default_direction = 'en->de' -%}"
+    '{%- set direction = default_direction -%}'
+    "{%- if messages and messages[0]['role'] == 'system' and '->' in messages[0]['content'] -%}"
+    "{%- set direction = messages[0]['content'] -%}"
+    '{%- endif -%}'
+    "{%- set pair = direction.split('->') -%}"
+    '{%- set src = pair[0] | trim -%}'
+    '{%- set tgt = pair[1] | trim -%}'
+    '{%- if source_lang is defined and source_lang -%}{%- set src = source_lang -%}{%- endif -%}'
+    '{%- if target_lang is defined and target_lang -%}{%- set tgt = target_lang -%}{%- endif -%}'
+    '{%- for message in messages -%}'
     "{%- if message['role'] == 'user' -%}"
-    "<|bos|><|{{ source_lang }}|><|{{ target_lang }}|>{{ message['content'] }}<|sep|>"
+    "<|bos|><|{{ src }}|><|{{ tgt }}|>{{ message['content'] }}<|sep|>"
     "{%- elif message['role'] == 'assistant' -%}"
     "{{ message['content'] }}<|eos|>"
-    "{%- endif -%}"
-    "{%- endfor -%}"
+    '{%- endif -%}'
+    '{%- endfor -%}'
 )
 MAX_TOKENS = 160
 

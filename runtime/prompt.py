@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import jinja2
@@ -89,6 +90,25 @@ class PromptRenderer:
         if text and text not in prompt:
             raise PromptError(f"{self.source}: chat template does not place the user message in the prompt")
         return prompt
+
+
+# Stock chat clients (llama-server, Ollama, LM Studio) render the template with messages only.
+# The project's templates then take the direction from a first system message "en->de", else
+# from this statement, which an export rewrites to the direction it was built for.
+_DEFAULT_DIRECTION = re.compile(r"(\{%-?\s*set\s+default_direction\s*=\s*)(['\"])([^'\"]*)\2(\s*-?%\})")
+
+
+def default_direction(template: str) -> str | None:
+    """The `set default_direction = '..'` of a template, or None when it has none."""
+    match = _DEFAULT_DIRECTION.search(template)
+    return match.group(3) if match else None
+
+
+def with_default_direction(template: str, src: "str | Language", tgt: "str | Language") -> str:
+    """`template` with its default direction set to src->tgt (unchanged when it has no
+    `set default_direction` statement: a template that needs the language variables)."""
+    pair = f"{parse_language(src).code}->{parse_language(tgt).code}"
+    return _DEFAULT_DIRECTION.sub(lambda m: f"{m.group(1)}'{pair}'{m.group(4)}", template, count=1)
 
 
 def _read_json(path: Path) -> dict:

@@ -412,7 +412,7 @@ def _add_metadata(writer, config: dict, arch: MoEArch, fam: GGUFFamily, vocab: G
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
     if vocab.chat_template:
-        writer.add_chat_template(vocab.chat_template)
+        writer.add_chat_template(chat_template_for_plan(vocab.chat_template, provenance.get("plan")))
 
     writer.add_string(KEY_VERSION, __version__)
     writer.add_string(KEY_FAMILY, arch.family)
@@ -452,6 +452,22 @@ def _versions() -> dict:
 
 
 # -------------------------------------------------------------------------------- main entry
+def chat_template_for_plan(template: str, plan: dict | None) -> str:
+    """The template with its default direction (what stock chat clients get, see
+    runtime.prompt.with_default_direction) set to the plan's first pair; unchanged without a plan."""
+    from runtime.errors import LanguageError
+    from runtime.languages import parse_pair
+    from runtime.prompt import with_default_direction
+
+    for slug in ((plan or {}).get("meta") or {}).get("pairs") or []:
+        try:
+            pair = parse_pair(slug)
+        except (LanguageError, TypeError):
+            continue
+        return with_default_direction(template, pair.src, pair.tgt)
+    return template
+
+
 def export_gguf(
     model_dir: str | os.PathLike,
     out_file: str | os.PathLike,
