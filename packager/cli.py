@@ -21,6 +21,7 @@ COMMANDS = {
     "distill": "packager.commands.distill_cmd:distill_command",
     "verify": "packager.commands.verify_cmd:verify_command",
     "bundle": "packager.commands.bundle_cmd:bundle_command",
+    "fit": "packager.commands.fit_cmd:fit_command",
     "report": "packager.commands.report_cmd:report_command",
     "build": "packager.commands.build_cmd:build_command",
 }
