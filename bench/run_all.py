@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 BENCHMARKS = ("bench.calibration_bench", "bench.calibration_stream_bench", "bench.calibration_gguf_bench", "bench.gguf_bench",
-              "bench.onnx_bench", "bench.onnx_stream_bench", "bench.translate_bench")
+              "bench.onnx_bench", "bench.onnx_stream_bench", "bench.translate_bench",
+              "bench.runtime_baseline_bench")
 
 
 def main() -> int:

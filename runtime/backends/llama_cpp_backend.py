@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import sys
 from collections import deque
 from pathlib import Path
 from typing import Sequence
@@ -58,12 +59,39 @@ def _route_llama_log(llama_cpp) -> None:
 
 
 def llama_module():
+    """llama-cpp-python's low-level ctypes binding (`llama_cpp.llama_cpp`): the C API is all the
+    runtime uses. Importing the package would also run its high-level half (Llama, chat formats,
+    diskcache, ...): 2.5 MiB of RSS and about 70 ms on every start on this 2-core machine
+    (bench/runtime_baseline_bench.py)."""
+    module = sys.modules.get("llama_cpp.llama_cpp")
+    if module is None:
+        try:
+            module = _import_low_level()
+        except ImportError as exc:  # pragma: no cover - base dependency
+            raise BackendError(f"llama-cpp-python is not installed ({exc}); pip install llama-cpp-python") from None
+    _route_llama_log(module)
+    return module
+
+
+def _import_low_level():
+    """Import `llama_cpp.llama_cpp` without executing the package's __init__: a stand-in package
+    object is registered only for the import, then removed, so a later `import llama_cpp` runs
+    the real __init__, which reuses the binding already loaded (one copy of the library)."""
+    import importlib
+    import importlib.util
+
+    if "llama_cpp" in sys.modules:
+        return importlib.import_module("llama_cpp.llama_cpp")
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None:
+        raise ImportError("No module named 'llama_cpp'")
+    stand_in = importlib.util.module_from_spec(spec)
+    sys.modules["llama_cpp"] = stand_in
     try:
-        import llama_cpp
-    except ImportError as exc:  # pragma: no cover - base dependency
-        raise BackendError(f"llama-cpp-python is not installed ({exc}); pip install llama-cpp-python") from None
-    _route_llama_log(llama_cpp)
-    return llama_cpp
+        return importlib.import_module("llama_cpp.llama_cpp")
+    finally:
+        if sys.modules.get("llama_cpp") is stand_in:
+            del sys.modules["llama_cpp"]
 
 
 def check_gguf_header(path: Path) -> None:
