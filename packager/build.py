@@ -25,6 +25,8 @@ PACKS.toml (paths are relative to the TOML file):
     max_sentences = 100                   # per direction
     teacher_forced = false
     max_new_tokens = 64
+    # a parent larger than RAM (Hugging Face parents): execution = "streamed", dtype = "bfloat16",
+    # generator = "parent.Q8_0.gguf" (translates for generate mode), spill_dir, expert_group_mb
 
     [verify]
     test = "../data/harvest/test.jsonl"
@@ -272,8 +274,18 @@ def load_build_config(path: str | os.PathLike) -> BuildConfig:
     if not calibration_data:
         raise _fail(source, "[calibration] data = [...] is required (harvest JSONL, e.g. data/harvest/dev.jsonl)")
     allowed = {"max_sentences", "teacher_forced", "max_new_tokens", "batch_size", "seed", "reap"}
-    if set(calibration) - allowed:
-        raise _fail(source, f"[calibration] unknown key(s) {', '.join(sorted(set(calibration) - allowed))}")
+    # how a Hugging Face parent runs (packager.layer_stream): they change memory and speed, not results
+    execution_keys = {"dtype", "device", "execution", "expert_group_mb", "max_activation_mb", "spill_dir", "generator"}
+    if set(calibration) - allowed - execution_keys:
+        raise _fail(source, f"[calibration] unknown key(s) {', '.join(sorted(set(calibration) - allowed - execution_keys))}")
+    if str(data.get("parent", "")).lower().endswith(".gguf") and set(calibration) & execution_keys:
+        raise _fail(source, f"[calibration] {', '.join(sorted(set(calibration) & execution_keys))}: only for a Hugging Face "
+                            "parent (a GGUF parent runs in llama.cpp in its own tensor types)")
+    if "expert_group_mb" in calibration:
+        calibration["expert_group_bytes"] = int(calibration.pop("expert_group_mb")) * 1024**2
+    for key, kind in (("spill_dir", "dir"), ("generator", "file")):
+        if key in calibration:
+            calibration[key] = str(_path(source, calibration[key], f"calibration.{key}", kind))
     test_file = _path(source, verify_settings.pop("test", None), "verify.test", "file")
     if set(verify_settings) - {"limit", "max_new_tokens", "bootstrap"}:
         raise _fail(source, f"[verify] unknown key(s) {', '.join(sorted(set(verify_settings) - {'limit', 'max_new_tokens', 'bootstrap'}))}")

@@ -202,3 +202,26 @@ def test_bad_build_files(work):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.splitlines() == [f"error: {work / 'nope.toml'}: build file not found; see packs/demo.toml for an example"]
+
+
+def test_packs_file_can_stream_calibration(work):
+    """Execution keys of [calibration] reach CalibrationSettings (paths resolved beside the file)."""
+    from packager.calibration_data import CalibrationSettings
+
+    base = packs_toml()
+    path = work / "streamed.toml"
+    (work / "spill").mkdir(exist_ok=True)
+    path.write_text(base.replace("batch_size = 4", 'batch_size = 4\nexecution = "streamed"\ndtype = "bfloat16"\n'
+                                                   'expert_group_mb = 2\nspill_dir = "spill"'))
+    config = load_build_config(path)
+    assert config.calibration["execution"] == "streamed" and config.calibration["dtype"] == "bfloat16"
+    assert config.calibration["expert_group_bytes"] == 2 * 1024**2
+    assert config.calibration["spill_dir"] == str((work / "spill").resolve())
+    settings = CalibrationSettings(pairs=("en-de",), **config.calibration)
+    assert settings.execution == "streamed" and settings.expert_group_bytes == 2 * 1024**2
+    path.write_text(base.replace("batch_size = 4", 'batch_size = 4\ngenerator = "parent.gguf"'))
+    with pytest.raises(BuildError, match=r"calibration.generator = 'parent.gguf': file .* not found"):
+        load_build_config(path)
+    path.write_text(base.replace("batch_size = 4", 'batch_size = 4\nexecution = "fast"\nwarp = 9'))
+    with pytest.raises(BuildError, match=r"\[calibration\] unknown key\(s\) warp"):
+        load_build_config(path)
