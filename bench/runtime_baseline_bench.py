@@ -105,10 +105,12 @@ def measure(cases: dict[str, tuple[Path, str]], runs: int) -> dict:
     return out
 
 
-def estimate_check(gguf: Path, measured_peak: int) -> dict:
+def estimate_check(model: Path, fmt: str, measured_peak: int) -> dict:
+    """packager.fit's dry-run estimate (without its 10% margin) against the measured peak RSS."""
     from packager.fit import RAM_MARGIN, estimate_ram_bytes
 
-    estimate = estimate_ram_bytes(gguf, "gguf", gguf.stat().st_size)
+    files = [model] if fmt == "gguf" else [p for p in model.parent.iterdir() if p.is_file()]
+    estimate = estimate_ram_bytes(model, fmt, sum(p.stat().st_size for p in files))
     without_margin = estimate / RAM_MARGIN
     return {"estimate_bytes_without_margin": int(without_margin), "measured_peak_rss_bytes": measured_peak,
             "ratio": round(without_margin / measured_peak, 3)}
@@ -124,7 +126,8 @@ def main() -> int:
         models = build_models(Path(tmp))
         run = measure({"gguf, whole llama_cpp package (before issue 19)": (models["gguf"], "package"),
                        "gguf": (models["gguf"], "runtime"), "onnx": (models["onnx"], "runtime")}, args.runs)
-        run["gguf"]["ram_estimate"] = estimate_check(models["gguf"], int(run["gguf"]["peak_rss"]))
+        for fmt in ("gguf", "onnx"):
+            run[fmt]["ram_estimate"] = estimate_check(models[fmt], fmt, int(run[fmt]["peak_rss"]))
     results["runs"][args.label] = run
     results["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -133,7 +136,8 @@ def main() -> int:
         print(f"{args.label} {fmt}: import runtime.cli {row['import_cli_s'] * 1000:.0f} ms, open {row['open_s'] * 1000:.0f} ms, "
               f"RSS before load {row['before_load_rss'] / 2**20:.1f} MiB, after load {row['after_load_rss'] / 2**20:.1f} MiB, "
               f"peak {row['peak_rss'] / 2**20:.1f} MiB; loaded before the model: {', '.join(row['heavy_modules_before_load'])}")
-    print(f"gguf RAM estimate vs measured peak: {run['gguf']['ram_estimate']}")
+    for fmt in ("gguf", "onnx"):
+        print(f"{fmt} RAM estimate vs measured peak: {run[fmt]['ram_estimate']}")
     return 0
 
 

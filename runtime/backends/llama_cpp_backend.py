@@ -61,8 +61,8 @@ def _route_llama_log(llama_cpp) -> None:
 def llama_module():
     """llama-cpp-python's low-level ctypes binding (`llama_cpp.llama_cpp`): the C API is all the
     runtime uses. Importing the package would also run its high-level half (Llama, chat formats,
-    diskcache, ...): 2.5 MiB of RSS and about 70 ms on every start on this 2-core machine
-    (bench/runtime_baseline_bench.py)."""
+    diskcache, ...): 2.6 MiB of RSS on every start, and 52 ms against 8 ms for the import itself
+    (warm, numpy already loaded; bench/runtime_baseline_bench.py)."""
     module = sys.modules.get("llama_cpp.llama_cpp")
     if module is None:
         try:
