@@ -30,6 +30,8 @@ import threading
 import time
 from pathlib import Path
 
+from runtime.memory import proc_status
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "onnx.json"
 DEFAULT_MODEL = REPO / "models" / "default"
@@ -45,19 +47,6 @@ FALLBACK_SENTENCES = ["Open the file", "Save the document before closing the win
 
 
 # ----------------------------------------------------------------------------- the worker
-def _status() -> dict[str, int]:
-    values = {}
-    try:
-        with open("/proc/self/status", encoding="ascii") as handle:
-            for line in handle:
-                key, _, rest = line.partition(":")
-                if key in ("VmRSS", "VmHWM", "RssAnon"):
-                    values[key] = int(rest.split()[0]) * 1024
-    except OSError:
-        pass
-    return values
-
-
 def _worker(job_file: str) -> int:
     """Runtime only: load one model, measure, print one JSON line."""
     job = json.loads(Path(job_file).read_text(encoding="utf-8"))
@@ -65,7 +54,7 @@ def _worker(job_file: str) -> int:
 
     model_file, config = resolve_model(job["model"])
     cls = backend_class(config.format)  # the backend library's import is part of the baseline
-    baseline = _status()
+    baseline = proc_status()
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
             handle.write("5")  # VmHWM := current RSS, so the peak covers the model only
@@ -76,14 +65,14 @@ def _worker(job_file: str) -> int:
 
     def sample():
         while not done.wait(SAMPLE_SECONDS):
-            peak_anon[0] = max(peak_anon[0], _status().get("RssAnon", 0))
+            peak_anon[0] = max(peak_anon[0], proc_status().get("RssAnon", 0))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     started = time.perf_counter()
     backend = cls.load(model_file, config, n_threads=job["threads"])
     load_seconds = time.perf_counter() - started
-    after_load = _status()
+    after_load = proc_status()
     prompts = [backend.prompt_ids(text, src, tgt) for src, tgt, text in job["sentences"]]
     long_prompt = (sum(prompts, []) * PREFILL_TOKENS)[:PREFILL_TOKENS]
     list(backend.generate_ids(prompts[0], 2, stop_ids=set()))  # warm-up allocations
@@ -102,7 +91,7 @@ def _worker(job_file: str) -> int:
     timings = max(runs, key=lambda item: item["decode_tokens_per_second"])
     done.set()
     sampler.join()
-    final = _status()
+    final = proc_status()
     backend.close()
     print(json.dumps({
         "load_seconds": load_seconds,

@@ -23,6 +23,8 @@ import threading
 import time
 from pathlib import Path
 
+from runtime.memory import proc_status
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "prune.json"
 
@@ -145,19 +147,6 @@ def _read_all(directory: Path) -> None:
                     pass
 
 
-def _status(pid: int) -> dict[str, int]:
-    values = {}
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                key, _, rest = line.partition(":")
-                if key in ("RssAnon", "RssFile", "VmHWM", "VmRSS"):
-                    values[key] = int(rest.split()[0]) * 1024
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return values
-
-
 def run_measured(cmd: list[str]) -> dict:
     """Run a child, sampling its RSS every 10 ms; wall time, peak anon / total RSS."""
     peaks = {"RssAnon": 0, "VmHWM": 0, "RssFile": 0}
@@ -167,7 +156,7 @@ def run_measured(cmd: list[str]) -> dict:
 
     def sample():
         while not done.is_set():
-            for key, value in _status(child.pid).items():
+            for key, value in proc_status(child.pid).items():
                 if key in peaks:
                     peaks[key] = max(peaks[key], value)
             time.sleep(0.01)

@@ -24,12 +24,12 @@ How a run works:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import random
 import string
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +44,7 @@ from packager.calibration_data import (  # noqa: F401
 )
 from packager.errors import PackagerError
 from packager.stats import MODE_SPAN, PROMPT, SEQUENCE, SOURCE, RoutingStats, empty_stats
+from packager.provenance import versions
 
 logger = logging.getLogger(__name__)
 
@@ -499,15 +500,6 @@ def parent_translations(loaded: LoadedModel, data: Sequence[Path], flat: list, p
 
 
 # ---- the whole run -----------------------------------------------------------------------------------
-def _versions() -> dict:
-    import torch
-    import transformers
-
-    from packager import __version__
-
-    return {"packager": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": sys.version.split()[0]}
-
 
 def _progress_bar(enabled: bool):
     if not enabled:
@@ -552,7 +544,7 @@ def calibrate(model_dir: str | Path, data: Sequence[str | Path], settings: Calib
     started = time.perf_counter()
     translations = None
     streaming = None
-    with bar if bar is not None else _NullContext():
+    with bar if bar is not None else contextlib.nullcontext():
         if settings.teacher_forced:
             outputs = [loaded.tokenizer(ex.target, add_special_tokens=False)["input_ids"] + [loaded.eos_id] for _, ex in flat]
         else:
@@ -612,16 +604,8 @@ def calibrate(model_dir: str | Path, data: Sequence[str | Path], settings: Calib
         "execution": execution.as_dict(),
         "streaming": streaming,
         "translations": translations,
-        "versions": _versions(),
+        "versions": versions("torch", "transformers", "safetensors"),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(elapsed, 3),
     }]
     return stats
-
-
-class _NullContext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -47,6 +47,7 @@ from packager.calibration_data import (
     check_settings, output_span, progress_bar, read_examples, stats_for_run,
 )
 from packager.stats import RoutingStats
+from packager.provenance import versions
 
 logger = logging.getLogger(__name__)
 
@@ -397,20 +398,6 @@ def _default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    from packager import __version__
-
-    out = {"packager": __version__}
-    for name in ("llama-cpp-python", "gguf"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
 def _packs(lengths: Sequence[int], batch_size: int, budget: int) -> list[list[int]]:
     """Indices of sequences decoded together: at most batch_size sequences and `budget` tokens
     (a longer sequence goes alone), similar lengths together."""
@@ -518,6 +505,6 @@ def calibrate_gguf(model_path: str | Path, data: Sequence[str | Path], settings:
     return stats_for_run(
         fingerprint=parent.fingerprint, family=parent.family, moe_layers=parent.moe_layers, n_experts=parent.n_experts,
         top_k=parent.top_k, settings=settings, chat_template=parent.chat_template, reap=settings.reap,
-        model_path=parent.path, data=data, examples=examples, command=command, versions=_versions(), seconds=elapsed,
+        model_path=parent.path, data=data, examples=examples, command=command, versions=versions("llama-cpp-python", "gguf"), seconds=elapsed,
         execution=execution, fill=lambda stats: accumulator.to_stats(stats, settings.pairs, output_span(settings)),
     )

@@ -85,26 +85,14 @@ def check_settings(settings: CalibrationSettings) -> None:
 
 # ---- languages ------------------------------------------------------------------------------
 def parse_pair_list(spec: str) -> list[str]:
-    """Direction slugs of `--pairs`: 'en-de,de-en', or the arrow forms runtime.languages reads
-    ('en->de,fr', 'en<->de')."""
+    """Direction slugs of `--pairs` (runtime.languages.parse_pair_list, the one grammar)."""
     from runtime.errors import LanguageError
-    from runtime.languages import parse_pair, parse_pairs
+    from runtime.languages import parse_pair_list as parse
 
     try:
-        if "->" in spec:
-            pairs = parse_pairs(spec)
-        else:
-            items = [item.strip() for item in spec.split(",")]
-            if any(not item for item in items):
-                raise LanguageError(f"empty direction in {spec!r}: write e.g. 'en-de,de-en'")
-            pairs = [parse_pair(item) for item in items]
+        return [pair.slug for pair in parse(spec)]
     except LanguageError as exc:
         raise CalibrationError(f"--pairs: {exc}") from None
-    slugs: list[str] = []
-    for pair in pairs:
-        if pair.slug not in slugs:
-            slugs.append(pair.slug)
-    return slugs
 
 
 def _parse_language_at(code, where: str):

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from packager.errors import CheckpointError, OutputExistsError
+from runtime.atomic import (  # noqa: F401 - the one implementation; atomic_write_bytes re-exported
+    OUTPUT_ERRNOS, OutputError, atomic_write_bytes, atomic_write_json, fsync_dir, output_error)
 
 logger = logging.getLogger(__name__)
 
@@ -259,14 +261,6 @@ class CheckpointReader:
 
 
 # ------------------------------------------------------------------ writing
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 _kernel_copy = {"available": hasattr(os, "copy_file_range")}
 
 
@@ -288,26 +282,6 @@ def copy_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
             done = os.write(dst_fd, chunk)
         offset += done
         remaining -= done
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write a small file through a temporary sibling, fsync, rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 @dataclass
@@ -368,7 +342,12 @@ class CheckpointWriter:
             raise OutputExistsError(f"{self.out_dir.parent}: parent directory of the output does not exist")
         _remove_stale_partials(self.out_dir)
         self.staging_dir = self.out_dir.parent / f"{_partial_dir_prefix(self.out_dir)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.staging_dir.mkdir()
+        try:
+            self.staging_dir.mkdir()
+        except OSError as exc:
+            if exc.errno not in OUTPUT_ERRNOS:
+                raise
+            raise output_error(self.out_dir, exc) from None
         self._metadata = {"format": "pt", **(shard_metadata or {})}
         self._pending: list[_Pending] = []
         self._pending_bytes = 0
@@ -528,3 +507,6 @@ class CheckpointWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.abort()  # no-op after finalize()
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError) and exc.errno in OUTPUT_ERRNOS:
+            # a full disk, a read-only or vanished folder: one line naming the output
+            raise output_error(self.out_dir, exc) from None

@@ -31,7 +31,7 @@ GGUF_EXTRA_HINT = ("install the GGUF build side first: pip install 'edge-transla
                    "for everything)")
 # top-level modules of the extras -> the hint that names what to install
 TORCH_MODULES = {"torch", "transformers", "onnx", "onnxscript", "polib"}
-GGUF_MODULES = {"safetensors", "gguf", "sacrebleu", "matplotlib", "lingua"}
+GGUF_MODULES = {"rich", "safetensors", "gguf", "sacrebleu", "matplotlib", "lingua"}  # rich: in both extras
 
 
 def missing_module_hint(name: str | None) -> str | None:
@@ -89,11 +89,29 @@ def cli(verbose: int) -> None:
 
 def main() -> None:
     from packager.errors import PackagerError
+    from runtime.atomic import OUTPUT_ERRNOS, interrupt_on_sigterm, output_error
+    from runtime.errors import EdgeError
 
+    interrupt_on_sigterm()  # SIGTERM unwinds like Ctrl-C: every stage removes its temporary files
     try:
-        cli(prog_name="packager")  # click handles its own usage errors and exits
-    except PackagerError as exc:
+        # not standalone: click would turn Ctrl-C into "Aborted!"; its exit codes are returned instead
+        code = cli(prog_name="packager", standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except click.exceptions.Abort:  # Ctrl-C inside a click prompt
+        _interrupted()
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        _interrupted()
+    except (PackagerError, EdgeError) as exc:
         click.echo("error: " + " ".join(str(exc).split()), err=True)
+        sys.exit(1)
+    except OSError as exc:  # a write outside runtime.atomic.atomic_output: still one line naming the path
+        if exc.errno not in OUTPUT_ERRNOS or not exc.filename:
+            raise
+        click.echo("error: " + str(output_error(exc.filename, exc)), err=True)
         sys.exit(1)
     except ModuleNotFoundError as exc:  # a stage that needs an extra this install lacks (e.g. torch)
         hint = missing_module_hint(exc.name)
@@ -101,6 +119,11 @@ def main() -> None:
             raise
         click.echo("error: " + hint, err=True)
         sys.exit(1)
+
+
+def _interrupted() -> None:
+    click.echo("interrupted; nothing half-written was left behind", err=True)
+    sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ here (no GPU on the build machines).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -59,6 +60,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from packager.errors import CheckpointError, OutputExistsError, PackagerError
+from packager.provenance import versions
 
 logger = logging.getLogger(__name__)
 
@@ -525,24 +527,21 @@ class _WorkDir:
                     moments[f"{names[id(param)]}::exp_avg"] = st["exp_avg"].contiguous()
                     moments[f"{names[id(param)]}::exp_avg_sq"] = st["exp_avg_sq"].contiguous()
                     steps[names[id(param)]] = float(st["step"])
-        tmp_weights = self.path / f".{WEIGHTS_NAME}.tmp"
-        tmp_moments = self.path / f".{OPTIMIZER_NAME}.tmp"
-        save_model(model, str(tmp_weights))
-        save_file(moments, str(tmp_moments))
-        for tmp in (tmp_weights, tmp_moments):
-            _fsync(tmp)
-        os.replace(tmp_weights, self.path / WEIGHTS_NAME)
-        os.replace(tmp_moments, self.path / OPTIMIZER_NAME)
+        from runtime.atomic import atomic_output
+
+        with atomic_output(self.path / OPTIMIZER_NAME) as tmp_moments, atomic_output(self.path / WEIGHTS_NAME) as tmp_weights:
+            save_model(model, str(tmp_weights))
+            save_file(moments, str(tmp_moments))
         atomic_write_json(self.path / STATE_NAME, {**state, "key": self.key, "adam_step": steps})
 
     def save_best(self, model) -> None:
         from safetensors.torch import save_model
 
         self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.path / f".{BEST_NAME}.tmp"
-        save_model(model, str(tmp))
-        _fsync(tmp)
-        os.replace(tmp, self.path / BEST_NAME)
+        from runtime.atomic import atomic_output
+
+        with atomic_output(self.path / BEST_NAME) as tmp:
+            save_model(model, str(tmp))
 
     def load_best(self, model) -> bool:
         from safetensors.torch import load_model
@@ -552,14 +551,6 @@ class _WorkDir:
             return False
         load_model(model, str(best), device=str(next(model.parameters()).device))
         return True
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def train(model, train_set: list[Example], dev_set: list[Example], probe_set: list[Example], pad_id: int,
@@ -716,15 +707,6 @@ def write_output(model, pruned_dir: Path, out_dir: Path, provenance: dict, force
 
 
 # ---- the whole run ---------------------------------------------------------------------------------
-def _versions() -> dict:
-    import torch
-    import transformers
-
-    from packager import __version__
-
-    return {"packager": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": sys.version.split()[0]}
-
 
 def _progress_bar(enabled: bool):
     if not enabled:
@@ -792,7 +774,7 @@ def distill(pruned_dir: str | os.PathLike, parent_dir: str | os.PathLike, data: 
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(settings.seed)
     record: dict = {"targets": settings.targets}
-    with bar if bar is not None else _Null():
+    with bar if bar is not None else contextlib.nullcontext():
         dropped = {"unfinished": 0, "empty": 0}
         if settings.targets == "parent":
             key = cache_key(lineage.parent_fingerprint, data, settings, chat_sha)
@@ -865,7 +847,7 @@ def distill(pruned_dir: str | os.PathLike, parent_dir: str | os.PathLike, data: 
                                       "probe_loss_initial", "probe_loss_final", "stopped", "resumed_from_step")},
         "history": state["history"],
         "command": command if command is not None else " ".join(sys.argv),
-        "versions": _versions(),
+        "versions": versions("torch", "transformers", "safetensors"),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     provenance["seconds"] = round(time.monotonic() - started, 2)
@@ -875,11 +857,3 @@ def distill(pruned_dir: str | os.PathLike, parent_dir: str | os.PathLike, data: 
     logger.info("distilled %s -> %s: %d steps, dev loss %.3f -> %.3f", pruned_dir, out_dir, state["step"],
                 state["dev_loss_initial"], state["best_dev_loss"])
     return DistillResult(out_dir, provenance)
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

@@ -16,30 +16,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from packager.errors import CheckpointError
+from runtime.file_hash import file_sha256  # noqa: F401 - re-exported: the build side's callers import it here
 
 FINGERPRINT_PREFIX = b"edge-packager-fingerprint-v1\n"
-_CHUNK_BYTES = 8 * 1024**2
 
 _NUMPY_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
     "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
 }
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def bytes_to_float32(raw: bytes, dtype: str, shape: Iterable[int]) -> np.ndarray:

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
 import struct
 import sys
@@ -21,7 +20,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from packager import __version__
 from packager.arch import PER_LAYER_COUNTS_KEY, MoEArch, load_arch
 from packager.checkpoint import (
     CONFIG_NAME,
@@ -34,6 +32,7 @@ from packager.checkpoint import (
 from packager.errors import CheckpointError, OutputExistsError
 from packager.fingerprint import bytes_to_float32, file_sha256, fingerprint_from_parts, model_fingerprint
 from packager.plan_file import Plan, validate_plan
+from packager.provenance import versions
 
 logger = logging.getLogger(__name__)
 
@@ -157,15 +156,6 @@ def _copy_side_files(model_dir: Path, staging: Path) -> list[str]:
     return copied
 
 
-def _versions() -> dict:
-    versions = {"packager": __version__, "python": platform.python_version()}
-    for module in ("safetensors", "torch", "transformers"):
-        mod = sys.modules.get(module)
-        if mod is not None:
-            versions[module] = getattr(mod, "__version__", "?")
-    return versions
-
-
 def prune_checkpoint(model_dir: str | os.PathLike, plan: Plan | str | os.PathLike, out_dir: str | os.PathLike,
                      force: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                      hash_inputs: bool | None = None, progress: bool = False,
@@ -253,7 +243,7 @@ def prune_checkpoint(model_dir: str | os.PathLike, plan: Plan | str | os.PathLik
                     "output": {"tensor_bytes": kept_bytes, "input_tensor_bytes": reader.total_bytes,
                                "max_shard_bytes": max_shard_bytes, "copied_files": copied},
                     "command": sys.argv,
-                    "versions": _versions(),
+                    "versions": versions("safetensors", "torch", "transformers"),
                     "created_unix": int(time.time()),
                 }
                 if extra_provenance:

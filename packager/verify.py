@@ -27,14 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from packager import __version__
 from packager.errors import PackagerError
+from packager.provenance import versions
 
 logger = logging.getLogger(__name__)
 
 METRICS_SCHEMA = "packager.metrics/1"
 # generation budget per segment: the runtime's (what edge-translate uses)
 from runtime.translator import DEFAULT_MAX_NEW_TOKENS, NEW_TOKENS_PER_SOURCE_TOKEN, NEW_TOKENS_SLACK  # noqa: E402
+
 SAMPLE_INTERVAL_SECONDS = 0.005
 WORKER_FLAG = "--worker"
 
@@ -55,34 +56,14 @@ class Segment:
 
 
 def parse_pair_list(spec: str | Sequence[str]):
-    """Directions from 'en-de,en-fr', 'en->de,fr', 'en<->de', a mix ('en-de,en->fr,es') or a
-    list of such strings. After an arrow, comma items that are not a pair are languages."""
+    """Directions of `--pairs` (runtime.languages.parse_pair_list, the one grammar)."""
     from runtime.errors import LanguageError
-    from runtime.languages import parse_pair, parse_pairs
+    from runtime.languages import parse_pair_list as parse
 
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    pairs = []
-    for item in specs:
-        groups: list[str] = []
-        for token in (t.strip() for t in item.split(",")):
-            if not token:
-                continue
-            if "->" in token or not groups or "->" not in groups[-1]:
-                groups.append(token)
-                continue
-            try:
-                parse_pair(token)
-                groups.append(token)  # a pair of its own: 'en->de,en-fr'
-            except LanguageError:
-                groups[-1] += "," + token  # one more language: 'en->de,fr'
-        try:
-            found = [p for group in groups for p in (parse_pairs(group) if "->" in group else [parse_pair(group)])]
-        except LanguageError as exc:
-            raise VerifyError(f"--pairs {item!r}: {exc}") from None
-        pairs += [pair for pair in found if pair not in pairs]
-    if not pairs:
-        raise VerifyError(f"--pairs {spec!r} names no direction; write e.g. en-de,en-fr or en->de,fr")
-    return pairs
+    try:
+        return parse(spec)
+    except LanguageError as exc:
+        raise VerifyError(f"--pairs: {exc}") from None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -146,20 +127,9 @@ def select_segments(records: Sequence[dict], pairs, limit: int | None, source: s
 
 # -- the worker (fresh process, runtime only) ----------------------------------------------------
 def _proc_status() -> dict[str, int]:
-    """VmRSS, VmHWM, RssAnon, RssFile in bytes from /proc/self/status (Linux)."""
-    values = {}
-    try:
-        with open("/proc/self/status", encoding="ascii") as handle:
-            for line in handle:
-                key, _, rest = line.partition(":")
-                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                    values[key] = int(rest.split()[0]) * 1024
-    except OSError:
-        import psutil
+    from runtime.memory import proc_status
 
-        info = psutil.Process().memory_info()
-        values = {"VmRSS": info.rss, "VmHWM": info.rss}
-    return values
+    return proc_status()
 
 
 def _reset_peak() -> bool:
@@ -505,18 +475,6 @@ def _delta(a, b, digits: int = 2):
     return None if a is None or b is None else round(a - b, digits)
 
 
-def _versions() -> dict:
-    from importlib import metadata
-
-    versions = {"packager": __version__, "python": platform.python_version()}
-    for dist in ("llama_cpp_python", "onnxruntime", "sacrebleu", "lingua-language-detector"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
-    return versions
-
-
 def measure_model(model: str | os.PathLike, segments: dict[str, list[Segment]], *, threads: int | None,
                   max_new_tokens: int, n_bootstrap: int, progress=None, label: str = "model") -> tuple[dict, list[dict]]:
     """Metrics of one model on `segments` (no parent, no provenance)."""
@@ -622,7 +580,7 @@ def verify(model: str | os.PathLike, test_file: str | os.PathLike, pairs, out: s
     record["provenance"] = {
         "command": command or " ".join(sys.argv),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "versions": _versions(),
+        "versions": versions("llama-cpp-python", "onnxruntime", "sacrebleu", "lingua-language-detector"),
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "system": platform.system()},
         "inputs": {"test_sha256": test["sha256"],
                    "model_files_sha256": {name: item["sha256"] for name, item in description["files"].items()}},

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from runtime.errors import EdgeError, SchemaError
+from runtime.file_hash import file_sha256
 from runtime.languages import Language, Pair, parse_language
 from runtime.schema import BundleManifest
 
@@ -26,7 +27,6 @@ logger = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 MANIFEST_DIGEST_NAME = "manifest.sha256"
 ARCHIVE_SUFFIX = ".tar"
-CHUNK_BYTES = 1 << 20
 
 
 class BundleError(EdgeError):
@@ -35,14 +35,6 @@ class BundleError(EdgeError):
 
 class DirectionError(BundleError):
     """A translation direction the bundle does not cover."""
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def digest_line(manifest_bytes: bytes) -> str:
@@ -89,7 +81,7 @@ class Bundle:
             if size != entry["bytes"]:
                 raise BundleError(f"{path}: {size} bytes, the manifest says {entry['bytes']}; the file is truncated or "
                                   f"replaced, rebuild or re-copy the bundle")
-            if sha256_of(path) != entry["sha256"]:
+            if file_sha256(path) != entry["sha256"]:
                 raise BundleError(f"{path}: sha256 does not match the manifest; the file was modified or corrupted, "
                                   f"rebuild or re-copy the bundle")
 
@@ -128,7 +120,7 @@ def _read_manifest(root: Path) -> BundleManifest:
 
 def _extract(archive: Path, cache_dir: Path | None) -> Path:
     """Unpack a bundle archive once into a cache directory keyed by its sha256."""
-    digest = sha256_of(archive)
+    digest = file_sha256(archive)
     base = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edge-translate"
     target = base / digest[:32]
     if target.is_dir():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from runtime.errors import LanguageError
 
@@ -240,3 +241,31 @@ def parse_pair(spec: str) -> Pair:
     if len(pairs) != 1:
         raise LanguageError(f"{spec!r} names {len(pairs)} directions, expected one such as 'en->de'")
     return pairs[0]
+
+
+def parse_pair_list(spec: str | Sequence[str]) -> list[Pair]:
+    """The directions of a `--pairs` value, in order, without duplicates: 'en-de,en-fr',
+    'en->de,fr', 'en<->de', a mix ('en-de,en->fr,es') or a list of such strings. After an
+    arrow, comma items that are not a pair are more languages of that arrow. The one grammar of
+    every command; raises LanguageError naming the item that cannot be read."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    pairs: list[Pair] = []
+    for item in specs:
+        groups: list[str] = []
+        for token in (t.strip() for t in item.split(",")):
+            if not token:
+                continue
+            if "->" in token or not groups or "->" not in groups[-1]:
+                groups.append(token)
+                continue
+            try:
+                parse_pair(token)
+                groups.append(token)  # a pair of its own: 'en->de,en-fr'
+            except LanguageError:
+                groups[-1] += "," + token  # one more language: 'en->de,fr'
+        for group in groups:
+            found = parse_pairs(group) if "->" in group else [parse_pair(group)]
+            pairs += [pair for pair in found if pair not in pairs]
+    if not pairs:
+        raise LanguageError(f"{spec!r} names no direction; write e.g. en-de,en-fr or en->de,fr")
+    return pairs

@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -38,12 +38,12 @@ from packager.errors import CheckpointError, OutputExistsError
 from packager.fingerprint import bytes_to_float32, file_sha256, model_fingerprint
 from packager.prune import read_provenance
 from packager.quant_formats import logical_shape, logical_tensors, physical_names, read_float32
+from packager.provenance import created_unix, versions
 
 logger = logging.getLogger(__name__)
 
 DTYPES = ("f32", "f16")
 CHUNK_BYTES = 32 * 1024**2  # source bytes converted at a time for large 2-D tensors
-
 
 
 @dataclass
@@ -64,10 +64,10 @@ class _Streamed:
     """Stands in for a numpy array in GGUFWriter.write_tensor_data (which only uses `nbytes`
     and `tofile`), so a stacked tensor never exists in memory as a whole."""
 
-    def __init__(self, planned: PlannedTensor, on_bytes: Callable[[int], None] | None):
+    def __init__(self, planned: PlannedTensor, on_bytes: Callable[[int], None] | None = None):
         self.planned = planned
         self.nbytes = planned.nbytes
-        self.on_bytes = on_bytes
+        self.on_bytes = on_bytes  # progress in chunks; write_gguf sets it
 
     def tofile(self, fout) -> None:
         written = 0
@@ -81,15 +81,33 @@ class _Streamed:
             raise GGUFExportError(f"tensor {self.planned.name!r}: wrote {written} bytes, expected {self.nbytes}")
 
 
-def temp_path(out_file: Path) -> Path:
-    """The hidden sibling a GGUF is written to before the rename; stale ones of dead
-    processes (killed mid-write) are removed first."""
-    for stale in out_file.parent.glob(f".{out_file.name}.*.tmp"):
-        pid = stale.name[len(out_file.name) + 2:-len(".tmp")]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            logger.info("removing stale partial output %s", stale)
-            stale.unlink(missing_ok=True)
-    return out_file.with_name(f".{out_file.name}.{os.getpid()}.tmp")
+def write_gguf(out_file: Path, arch: str, endianess, fill: Callable, payloads: Sequence, progress: bool, label: str) -> None:
+    """Write a GGUF atomically (runtime.atomic.atomic_output): `fill(writer)` adds the metadata
+    and the tensor infos, then `payloads` (objects with `nbytes` and `tofile`, in the order of
+    the infos) are streamed; a payload with an `on_bytes` attribute reports its own progress.
+    Nothing appears at `out_file` unless every byte was written."""
+    from gguf import GGUFWriter
+
+    from runtime.atomic import atomic_output
+
+    total = sum(int(p.nbytes) for p in payloads)
+    with atomic_output(out_file, needed_bytes=total) as tmp:
+        writer = GGUFWriter(tmp, arch, endianess=endianess)
+        try:
+            fill(writer)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            with progress_bar(progress, total, label) as advance:
+                for payload in payloads:
+                    reports = hasattr(payload, "on_bytes")
+                    if reports:
+                        payload.on_bytes = advance
+                    writer.write_tensor_data(payload, tensor_endianess=endianess)
+                    if advance and not reports:
+                        advance(payload.nbytes)
+        finally:
+            writer.close()
 
 
 def quantized_path(out_file: str | Path, quant: str) -> Path:
@@ -438,19 +456,6 @@ def _input_hashes(model_dir: Path, reader: CheckpointReader, hash_inputs: bool) 
     return files
 
 
-def _versions() -> dict:
-    import gguf
-
-    versions = {"packager": __version__, "gguf": getattr(gguf, "__version__", "0.19.0")}
-    try:
-        import llama_cpp
-
-        versions["llama_cpp_python"] = llama_cpp.__version__
-    except ImportError:
-        pass
-    return versions
-
-
 # -------------------------------------------------------------------------------- main entry
 def chat_template_for_plan(template: str, plan: dict | None) -> str:
     """The template with its default direction (what stock chat clients get, see
@@ -482,10 +487,7 @@ def export_gguf(
     """Write `out_file` (GGUF, weights at `dtype`) and `FILE.export.json`; with `quant`
     (e.g. ["Q8_0", "Q4_K_M"]) also FILE.<QUANT>.gguf for each type, through llama.cpp's
     quantizer. Returns `out_file`."""
-    from gguf import GGUFWriter
-
     from converters.gguf.quantize import parse_quant_types, quantize_gguf
-    from runtime.atomic import fsync_dir
 
     started = time.monotonic()
     model_dir, out_file = Path(model_dir), Path(out_file)
@@ -524,41 +526,23 @@ def export_gguf(
             "model_dir": str(model_dir.absolute()),
             "files": _input_hashes(model_dir, reader, hash_inputs),
             "command": sys.argv,
-            "versions": _versions(),
-            "created_unix": int(time.time()),
+            "versions": versions("gguf", "llama-cpp-python"),
+            **created_unix(),  # SOURCE_DATE_EPOCH or nothing: same inputs, same bytes
             "dtype": dtype,
         }
         provenance = {"model_fingerprint": fingerprint, "parent_fingerprint": parent_fingerprint,
                       "plan": plan_summary, "source": source}
 
-        tmp = temp_path(out_file)
-        writer = GGUFWriter(tmp, fam.gguf_arch)
-        try:
+        from gguf import GGMLQuantizationType, GGUFEndian
+
+        def fill(writer) -> None:
             _add_metadata(writer, config, arch, fam, vocab, n_experts, dtype, provenance, model_dir.name)
             for tensor in tensors:
-                from gguf import GGMLQuantizationType
-
                 raw = GGMLQuantizationType.F32 if tensor.dtype == np.float32 else GGMLQuantizationType.F16
                 writer.add_tensor_info(tensor.name, tensor.shape, tensor.dtype, tensor.nbytes, raw_dtype=raw)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            total = sum(t.nbytes for t in tensors)
-            with progress_bar(progress, total, f"export {out_file.name}") as advance:
-                from gguf import GGUFEndian
 
-                for tensor in tensors:
-                    writer.write_tensor_data(_Streamed(tensor, advance), tensor_endianess=GGUFEndian.LITTLE)
-            for fout in writer.fout:
-                fout.flush()
-                os.fsync(fout.fileno())
-            writer.close()
-            os.replace(tmp, out_file)
-            fsync_dir(out_file.parent)
-        except BaseException:
-            writer.close()
-            tmp.unlink(missing_ok=True)
-            raise
+        write_gguf(out_file, fam.gguf_arch, GGUFEndian.LITTLE, fill, [_Streamed(t) for t in tensors], progress,
+                   f"export {out_file.name}")
     logger.info("gguf: wrote %s (%d tensors, %.1f MB) in %.1fs", out_file, len(tensors), out_file.stat().st_size / 1e6,
                 time.monotonic() - started)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from converters.gguf.errors import GGUFExportError, GGUFFileError
-from converters.gguf.export import progress_bar, temp_path
+from converters.gguf.export import write_gguf
 from converters.gguf.families import KEY_FINGERPRINT, KEY_PARENT_FINGERPRINT, KEY_PLAN, KEY_SOURCE
 from converters.gguf.gguf_file import GGUFModelFacts, field_value, gguf_fingerprint, model_facts, open_gguf
 from packager import __version__
@@ -24,6 +24,7 @@ from packager.arch import load_arch
 from packager.errors import OutputExistsError, PlanError
 from packager.fingerprint import fingerprint_from_parts
 from packager.plan_file import Plan, validate_plan
+from packager.provenance import created_unix
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +60,9 @@ def _sliced_tensor_names(facts: GGUFModelFacts, layer_idx: int) -> list[str]:
 def prune_gguf(in_file: str | os.PathLike, plan: Plan | str | os.PathLike, out_file: str | os.PathLike, *,
                force: bool = False, progress: bool = False) -> Path:
     """Write `out_file`: `in_file` keeping `plan.keep` experts per MoE layer (renumbered 0..n-1)."""
-    from gguf import GGUFValueType, GGUFWriter
+    from gguf import GGUFValueType
 
     from converters.gguf.export_config import write_export_config
-    from runtime.atomic import fsync_dir
 
     started = time.monotonic()
     in_file, out_file = Path(in_file), Path(out_file)
@@ -111,7 +111,7 @@ def prune_gguf(in_file: str | os.PathLike, plan: Plan | str | os.PathLike, out_f
     plan_summary = {"sha256": plan.sha256(), "meta": plan.meta, "keep": {str(i): ids for i, ids in keep.items()}}
     source = json.loads(field_value(reader, KEY_SOURCE) or "{}")
     source["pruned_by"] = {"tool": "packager prune-gguf", "version": __version__, "input": in_file.name,
-                           "plan_file": str(plan.source) if plan.source else None, "created_unix": int(time.time())}
+                           "plan_file": str(plan.source) if plan.source else None, **created_unix()}
     replaced = {
         fam.key("expert_count"): (n_kept, GGUFValueType.UINT32),
         KEY_FINGERPRINT: (new_fingerprint, GGUFValueType.STRING),
@@ -120,9 +120,13 @@ def prune_gguf(in_file: str | os.PathLike, plan: Plan | str | os.PathLike, out_f
         KEY_SOURCE: (json.dumps(source, sort_keys=True), GGUFValueType.STRING),
     }
 
-    tmp = temp_path(out_file)
-    writer = GGUFWriter(tmp, facts.gguf_arch, endianess=reader.endianess)
-    try:
+    planned = []  # (tensor, what is written, its shape)
+    for tensor in reader.tensors:
+        rows = rows_of.get(tensor.name)
+        data = tensor.data if rows is None else _Rows(tensor.data, rows)
+        planned.append((tensor, data, tensor.data.shape if rows is None else (len(rows), *tensor.data.shape[1:])))
+
+    def fill(writer) -> None:  # the parent's metadata with the replaced keys, then the tensor infos
         for field in reader.fields.values():
             if field.name.startswith("GGUF.") or field.name == "general.architecture" or field.name in replaced:
                 continue
@@ -130,31 +134,12 @@ def prune_gguf(in_file: str | os.PathLike, plan: Plan | str | os.PathLike, out_f
             writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
         for key, (value, vtype) in replaced.items():
             writer.add_key_value(key, value, vtype)
-        payloads = []
-        for tensor in reader.tensors:
-            rows = rows_of.get(tensor.name)
-            data = tensor.data if rows is None else _Rows(tensor.data, rows)
-            shape = tensor.data.shape if rows is None else (len(rows), *tensor.data.shape[1:])
+        for tensor, data, shape in planned:
             writer.add_tensor_info(tensor.name, shape, tensor.data.dtype, data.nbytes, raw_dtype=tensor.tensor_type)
-            payloads.append(data)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        with progress_bar(progress, sum(p.nbytes for p in payloads), f"prune {out_file.name}") as advance:
-            for payload in payloads:
-                writer.write_tensor_data(payload, tensor_endianess=reader.endianess)
-                if advance:
-                    advance(payload.nbytes)
-        for fout in writer.fout:
-            fout.flush()
-            os.fsync(fout.fileno())
-        writer.close()
-        os.replace(tmp, out_file)
-        fsync_dir(out_file.parent)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+
+    write_gguf(out_file, facts.gguf_arch, reader.endianess, fill, [data for _, data, _ in planned], progress,
+               f"prune {out_file.name}")
+    del planned
     file_type = field_value(reader, "general.file_type")
     del reader
     logger.info("gguf: pruned %s -> %s (%d -> %d experts per layer) in %.1fs", in_file.name, out_file.name,

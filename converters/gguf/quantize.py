@@ -74,10 +74,9 @@ def quantize_gguf(in_file: str | os.PathLike, out_file: str | os.PathLike, quant
     """llama.cpp-quantize `in_file` to `out_file` (atomic) and write its export config."""
     import llama_cpp
 
-    from converters.gguf.export import temp_path
     from converters.gguf.export_config import write_export_config
     from converters.gguf.gguf_file import open_gguf
-    from runtime.atomic import fsync_dir
+    from runtime.atomic import atomic_output
 
     in_file, out_file = Path(in_file), Path(out_file)
     (quant_type,) = parse_quant_types(quant_type)
@@ -88,24 +87,20 @@ def quantize_gguf(in_file: str | os.PathLike, out_file: str | os.PathLike, quant
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant_type}")
     params.nthread = n_threads or max(1, os.cpu_count() or 1)
     params.allow_requantize = False
-    tmp = temp_path(out_file)
     started = time.monotonic()
     from runtime.backends.llama_cpp_backend import llama_module
 
     llama_module()  # routes llama.cpp's log to logging (debug)
-    try:
+    with atomic_output(out_file) as tmp:
         rc = llama_cpp.llama_model_quantize(str(in_file).encode(), str(tmp).encode(), params)
-        if rc != 0 or not tmp.is_file():
+        if rc != 0 or not tmp.is_file() or tmp.stat().st_size == 0:
+            if out_file.parent.is_dir() and _free_bytes(out_file.parent) < in_file.stat().st_size // 4:
+                raise QuantizeError(f"{out_file}: llama.cpp's quantizer failed for {quant_type} (code {rc}) with "
+                                    f"{_free_bytes(out_file.parent):,} bytes free beside it; free space or write elsewhere")
             raise QuantizeError(
                 f"{in_file}: llama.cpp's quantizer failed for {quant_type} (code {rc}); an already quantized input "
                 f"cannot be re-quantized: quantize from the F32/F16 export"
             )
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, out_file)
-        fsync_dir(out_file.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
     seconds = time.monotonic() - started
     report = tensor_type_report(out_file, quant_type)
     logger.info("gguf: %s -> %s %s in %.1fs (%d fallback tensors)", in_file.name, out_file.name, quant_type, seconds,
@@ -113,3 +108,9 @@ def quantize_gguf(in_file: str | os.PathLike, out_file: str | os.PathLike, quant
     write_export_config(out_file, {"type": quant_type, "source_file": in_file.name, "quantizer": "llama.cpp llama_model_quantize",
                                    "seconds": round(seconds, 3), **report})
     return out_file
+
+
+def _free_bytes(directory: Path) -> int:
+    import shutil
+
+    return shutil.disk_usage(directory).free

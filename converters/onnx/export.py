@@ -29,13 +29,14 @@ from pathlib import Path
 from converters.onnx.errors import OnnxExportError
 from converters.onnx.options import DEFAULT_FORMULATION, DTYPES, FORMULATIONS, SUPPORTED_FAMILIES
 from converters.onnx.quantize import check_quant
-from packager import __version__
 from packager.errors import OutputExistsError, PackagerError
 from runtime.atomic import make_public
+from runtime.memory import proc_status
 from runtime.backends import export_config_path
 from runtime.backends.onnx_backend import CONTRIB_OPS_NOTE, graph_input_names, graph_output_names
 from runtime.errors import EdgeError
 from runtime.schema import ExportConfig
+from packager.provenance import versions
 
 logger = logging.getLogger(__name__)
 
@@ -53,20 +54,6 @@ SPECIAL_ROLES = ("bos", "eos", "pad", "unk", "sep")
 
 
 # ----------------------------------------------------------------------------- small helpers
-def _proc_status() -> dict[str, int]:
-    """VmHWM (peak RSS), VmRSS, RssAnon in bytes (Linux; empty elsewhere)."""
-    values = {}
-    try:
-        with open("/proc/self/status", encoding="ascii") as handle:
-            for line in handle:
-                key, _, rest = line.partition(":")
-                if key in ("VmHWM", "VmRSS", "RssAnon"):
-                    values[key] = int(rest.split()[0]) * 1024
-    except OSError:
-        pass
-    return values
-
-
 def _fsync_tree(root: Path) -> None:
     """fsync every file and give the usual permissions (temp files are created 0600)."""
     umask = os.umask(0)
@@ -92,16 +79,6 @@ def _read_json(path: Path, what: str) -> dict:
     if not isinstance(data, dict):
         raise OnnxExportError(f"{path}: {what} must be a JSON object")
     return data
-
-
-def _versions() -> dict:
-    import onnx
-    import onnxruntime
-    import torch
-    import transformers
-
-    return {"packager": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
 
 
 class _Stages:
@@ -365,7 +342,7 @@ def export_onnx(
                             f"(tolerance {CHECK_TOLERANCE}); this is an exporter bug, please report it"
                         )
             shutil.copyfile(model_dir / TOKENIZER_FILE, staging / TOKENIZER_FILE)
-            memory = _proc_status()
+            memory = proc_status()
             quantization = _quantization_record(quant, dtype, builder.record)
             quantization["bytes"] = {name: (staging / name).stat().st_size for name in model_files}
             routing = ("standard ONNX ops (TopK/Softmax/ScatterElements)" if formulation != "contrib"
@@ -389,7 +366,7 @@ def export_onnx(
                     "model_fingerprint": fingerprint,
                     "source": {"model_dir": str(model_dir.absolute()), "files": _input_files(model_dir, hash_inputs)},
                     "command": sys.argv,
-                    "versions": _versions(),
+                    "versions": versions("torch", "transformers", "onnx", "onnxruntime"),
                     "created_unix": int(time.time()),
                     "seconds": round(time.monotonic() - started, 2),
                     "peak_rss_bytes": memory.get("VmHWM"),

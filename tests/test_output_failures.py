@@ -1,0 +1,218 @@
+"""Writing stages fail in one line and leave nothing behind: a simulated full disk (a write
+wrapper raising ENOSPC after N bytes), a missing or read-only output folder, SIGTERM; and the
+same inputs give byte-identical GGUF files."""
+from __future__ import annotations
+
+import builtins
+import errno
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_gguf import KEEP, build_model
+
+from converters.gguf.export import export_gguf
+from converters.gguf.prune_gguf import prune_gguf
+from packager.fingerprint import model_fingerprint
+from packager.plan_file import Plan
+from packager.prune import prune_checkpoint
+from runtime.atomic import OutputError, atomic_output, atomic_write_json
+
+VENV_BIN = Path(sys.executable).parent
+
+
+class FullDisk:
+    """Every write below `root` (Python file objects, os.write, copy_file_range) raises ENOSPC
+    once `limit` bytes have been written there."""
+
+    def __init__(self, root: Path, limit: int) -> None:
+        self.root, self.limit, self.written = str(root), limit, 0
+
+    def charge(self, n: int) -> None:
+        if self.written + n > self.limit:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.written += n
+
+    def below(self, fd_or_path) -> bool:
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd_or_path}") if isinstance(fd_or_path, int) else os.fspath(fd_or_path)
+        except OSError:
+            return False
+        return os.path.abspath(path).startswith(self.root)
+
+    def install(self, monkeypatch) -> None:
+        disk, real_open, real_write = self, builtins.open, os.write
+
+        class Limited:
+            def __init__(self, handle):
+                self._handle = handle
+
+            def write(self, data):
+                disk.charge(len(memoryview(data).cast("B")))
+                return self._handle.write(data)
+
+            def fileno(self):  # numpy's tofile writes through the descriptor: a full device
+                disk.charge(1)
+                return self._handle.fileno()
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self._handle.close()
+
+            def __getattr__(self, name):
+                return getattr(self._handle, name)
+
+        def open_(file, mode="r", *args, **kwargs):
+            handle = real_open(file, mode, *args, **kwargs)
+            writing = any(flag in mode for flag in "wax+")
+            return Limited(handle) if writing and not isinstance(file, int) and disk.below(file) else handle
+
+        def write_(fd, data):
+            if disk.below(fd):
+                disk.charge(len(data))
+            return real_write(fd, data)
+
+        def no_kernel_copy(*args, **kwargs):
+            raise OSError(errno.EXDEV, "simulated: no kernel copy")
+
+        monkeypatch.setattr(builtins, "open", open_)
+        monkeypatch.setattr(os, "write", write_)
+        if hasattr(os, "copy_file_range"):
+            monkeypatch.setattr(os, "copy_file_range", no_kernel_copy)
+
+
+def _temps(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory) -> Path:
+    return build_model("qwen3_moe", tmp_path_factory.mktemp("parent") / "parent")
+
+
+@pytest.fixture(scope="module")
+def plan_file(parent, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("plan") / "plan.json"
+    return Plan(model_fingerprint=model_fingerprint(parent), keep=KEEP, meta={"ranker": "test"}).save(out)
+
+
+# ---------------------------------------------------------------------------- the helper itself
+def test_atomic_output_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    FullDisk(out, 100).install(monkeypatch)
+    with pytest.raises(OutputError) as caught:
+        atomic_write_json(out / "big.json", {"x": "y" * 500})
+    message = str(caught.value)
+    assert message.startswith(f"{out / 'big.json'}: no space left on device (needs 514 bytes, ")
+    assert "\n" not in message and "nothing was written" in message
+    assert list(out.iterdir()) == []
+
+
+def test_missing_and_read_only_folders(tmp_path, monkeypatch):
+    with pytest.raises(OutputError, match=r"nowhere/a.json: the output folder .*nowhere does not exist; create it"):
+        atomic_write_json(tmp_path / "nowhere" / "a.json", {})
+    real_mkstemp = __import__("tempfile").mkstemp
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr("tempfile.mkstemp", read_only)
+    with pytest.raises(OutputError, match=r"a.json: read-only file system; write elsewhere"):
+        atomic_write_json(tmp_path / "a.json", {})
+    monkeypatch.setattr("tempfile.mkstemp", real_mkstemp)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_output(tmp_path / "b.bin") as tmp:
+            tmp.write_bytes(b"partial")
+            raise KeyboardInterrupt
+    assert _temps(tmp_path) == [] and not (tmp_path / "b.bin").exists()
+
+
+def test_stale_temps_of_dead_processes_are_removed(tmp_path):
+    stale = tmp_path / ".model.gguf.999999999.abc.tmp"
+    stale.write_bytes(b"left by a killed export")
+    mine = tmp_path / f".model.gguf.{os.getpid()}.abc.tmp"
+    mine.write_bytes(b"in progress")
+    with atomic_output(tmp_path / "model.gguf") as tmp:
+        tmp.write_bytes(b"GGUF")
+    assert not stale.exists() and mine.exists()
+    assert (tmp_path / "model.gguf").read_bytes() == b"GGUF"
+
+
+# ---------------------------------------------------------------------------- the stages
+def test_export_gguf_on_a_full_disk(parent, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    FullDisk(out, 4096).install(monkeypatch)
+    with pytest.raises(OutputError, match=rf"^{out / 'model.gguf'}: no space left on device \(needs [\d,]+ bytes, "):
+        export_gguf(parent, out / "model.gguf", dtype="f32")
+    assert list(out.iterdir()) == []
+
+
+def test_prune_on_a_full_disk(parent, plan_file, tmp_path, monkeypatch):
+    FullDisk(tmp_path, 4096).install(monkeypatch)
+    with pytest.raises(OutputError, match=rf"^{tmp_path / 'pruned'}: no space left on device"):
+        prune_checkpoint(parent, plan_file, tmp_path / "pruned")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prune_gguf_on_a_full_disk(parent, plan_file, tmp_path, monkeypatch):
+    source = export_gguf(parent, tmp_path / "parent.gguf", dtype="f32")
+    out = tmp_path / "out"
+    out.mkdir()
+    FullDisk(out, 2048).install(monkeypatch)
+    with pytest.raises(OutputError, match=rf"^{out / 'pruned.gguf'}: no space left on device"):
+        prune_gguf(source, plan_file, out / "pruned.gguf")
+    assert list(out.iterdir()) == []
+
+
+def test_cli_says_one_line_for_a_missing_output_folder(parent, tmp_path):
+    result = subprocess.run([str(VENV_BIN / "packager"), "export", "gguf", str(parent), "--out",
+                             str(tmp_path / "missing" / "model.gguf")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
+    assert str(tmp_path / "missing") in result.stderr
+
+
+def test_sigterm_removes_the_temporary_file_and_says_interrupted(tmp_path):
+    script = (
+        "import sys, time\n"
+        "out = sys.argv[1]\n"
+        "from runtime.atomic import atomic_output\n"
+        "from packager.cli import main\n"
+        "import packager.cli as cli\n"
+        "def slow(*a, **k):\n"
+        "    with atomic_output(out) as tmp:\n"
+        "        tmp.write_bytes(b'half'); print('writing', flush=True); time.sleep(60)\n"
+        "cli.cli.add_command(__import__('click').command('slow')(slow))\n"
+        "sys.argv = ['packager', 'slow']\n"
+        "main()\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "out.bin")], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "writing"
+    assert len(_temps(tmp_path)) == 1
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 130
+    assert err.strip().startswith("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- reproducible files
+def test_the_same_inputs_give_byte_identical_gguf(parent, plan_file, tmp_path, monkeypatch):
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+    (tmp_path / "a").mkdir()
+    first = export_gguf(parent, tmp_path / "a" / "model.gguf", dtype="f16")
+    second = export_gguf(parent, tmp_path / "model.gguf", dtype="f16", force=True)
+    assert first.read_bytes() == second.read_bytes()
+    pruned = [prune_gguf(first, plan_file, tmp_path / f"pruned{i}.gguf") for i in (1, 2)]
+    assert pruned[0].read_bytes() == pruned[1].read_bytes()
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    stamped = export_gguf(parent, tmp_path / "stamped.gguf", dtype="f16")
+    assert b'"created_unix": 1700000000' in stamped.read_bytes()
