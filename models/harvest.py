@@ -292,6 +292,7 @@ def fetch_debian(package: str, cache: Path, locked: str | None = None) -> tuple[
         result = subprocess.run(["apt-get", "download", package], cwd=cache, capture_output=True, text=True)
         if result.returncode != 0:
             print(f"harvest: apt-get download {package} failed: {result.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+            FETCH_FAILURES.append(package)
             return None
         found = sorted(cache.glob(f"{package}_*.deb"))
     if not found:
@@ -332,6 +333,7 @@ def harvest_pypi(name: str, version: str, license_name: str, cache: Path):
                                  "-d", str(cache), f"{name}=={version}"], capture_output=True, text=True)
         if result.returncode != 0:
             print(f"harvest: pip download {name}=={version} failed; skipping", file=sys.stderr)
+            FETCH_FAILURES.append(f"pypi:{name}=={version}")
             return
         wheels = sorted(cache.glob(f"{name}-{version}-*.whl"))
     if not wheels:
@@ -418,8 +420,18 @@ def _pairs_by_lang(records) -> dict:
     return dict(sorted(counts.items()))
 
 
-def build(set_name: str, out: Path, cache: Path, lock: dict | None = None, fetch=harvest_package) -> dict:
+class MissingPackagesError(RuntimeError):
+    """A package could not be fetched: the data would shrink silently."""
+
+
+# packages whose download failed in this process (filled by fetch_debian / harvest_pypi)
+FETCH_FAILURES: list[str] = []
+
+
+def build(set_name: str, out: Path, cache: Path, lock: dict | None = None, fetch=harvest_package,
+          allow_missing: bool = False) -> dict:
     lock = load_lock() if lock is None else lock
+    FETCH_FAILURES.clear()
     plan = package_plan(set_name)
     # group -> (lang, src) -> Counter of (tgt, package, version, license)
     candidates = {group: collections.defaultdict(collections.Counter) for group in plan}
@@ -440,6 +452,9 @@ def build(set_name: str, out: Path, cache: Path, lock: dict | None = None, fetch
                 count += 1
         pairs_per_package[name] = count
         print(f"harvest: [{index}/{len(sources)}] {name} ({group}): {count} pairs", file=sys.stderr)
+    if FETCH_FAILURES and not allow_missing:  # before anything is written
+        raise MissingPackagesError(f"could not fetch {len(FETCH_FAILURES)} package(s): {', '.join(FETCH_FAILURES)}; "
+                                   "nothing was written; fix the package sources or pass --allow-missing")
 
     # In-domain: every training package (the eval packages included), deduplicated together.
     in_domain = collections.defaultdict(collections.Counter)
@@ -517,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("data/harvest"))
     parser.add_argument("--cache", type=Path, default=Path("data/cache"))
     parser.add_argument("--force", action="store_true", help="rebuild even if the output exists")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="go on when a package cannot be fetched (the data is then smaller)")
     parser.add_argument("--update-lock", action="store_true",
                         help=f"record the harvested versions and eval split hashes in {LOCK_FILE.name}")
     args = parser.parse_args(argv)
@@ -526,7 +543,11 @@ def main(argv: list[str] | None = None) -> int:
         if card.get("format") == FORMAT and (card.get("set") == args.set or card.get("set") == "full"):
             print(f"harvest: {args.out} already holds the {card['set']} set; use --force to rebuild", file=sys.stderr)
             return 0
-    card = build(args.set, args.out, args.cache)
+    try:
+        card = build(args.set, args.out, args.cache, allow_missing=args.allow_missing)
+    except MissingPackagesError as exc:
+        print(f"harvest: error: {exc}", file=sys.stderr)
+        return 1
     for lang, counts in card["pairs"].items():
         print(f"harvest: en-{lang}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
               + f", unseen {card['unseen']['pairs'].get(lang, 0)}", file=sys.stderr)

@@ -161,3 +161,24 @@ def test_qt_catalogs_are_read_and_plurals_skipped(tmp_path):
     assert harvest.qm_language(str(path)) == "de"
     assert harvest.qm_language("/usr/share/qt5/translations/qtbase_zh_CN.qm") == "zh"
     assert harvest.qm_language("/usr/share/konsole/translations/konsole_fr.qm") is None
+
+
+def test_a_failed_download_stops_the_harvest_unless_allowed(tmp_path):
+    lock = {"debian": {}, "pypi": {}}
+    first = True
+
+    def one_fails(kind, spec, cache, locked=None):
+        nonlocal first
+        if first:  # the download of the first package fails (as fetch_debian records it)
+            first = False
+            harvest.FETCH_FAILURES.append(spec if kind == "debian" else f"pypi:{spec[0]}")
+            return
+        yield from synthetic_rows(kind, spec, cache, locked)
+
+    with pytest.raises(harvest.MissingPackagesError, match=r"could not fetch 1 package\(s\): .*; nothing was written; "
+                                                           r"fix the package sources or pass --allow-missing"):
+        harvest.build("eval", tmp_path / "out", tmp_path / "cache", lock=lock, fetch=one_fails)
+    assert not (tmp_path / "out").exists()
+    first = True
+    card = harvest.build("eval", tmp_path / "out", tmp_path / "cache", lock=lock, fetch=one_fails, allow_missing=True)
+    assert card["pairs"]
