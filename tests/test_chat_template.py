@@ -160,3 +160,33 @@ def test_default_gguf_in_llama_cpp_python_chat_completion(tmp_path):
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
         reply = llm.create_chat_completion(messages=messages, temperature=0.0, max_tokens=48)
         assert reply["choices"][0]["message"]["content"].strip() == ours.translate(text, src, tgt, max_new_tokens=48).strip()
+
+
+@pytest.mark.skipif(not (ROOT / "models" / "default" / "config.json").is_file(), reason="models/default is not trained")
+def test_pruned_gguf_defaults_to_the_plans_direction(tmp_path):
+    """prune-gguf (and export of a pruned checkpoint, same helper) writes the plan's first pair as
+    the template's default: a stock client with messages only translates fr->en."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from converters.gguf.export import export_gguf
+    from converters.gguf.gguf_file import field_value, open_gguf
+    from converters.gguf.prune_gguf import prune_gguf
+    from packager.arch import load_arch
+    from packager.fingerprint import model_fingerprint
+    from packager.plan_file import Plan
+    from runtime.backends import open_backend
+
+    model = ROOT / "models" / "default"
+    config = json.loads((model / "config.json").read_text())
+    arch = load_arch(config)
+    keep = {i: list(range(arch.n_experts(config) // 2)) for i in arch.moe_layers(config)}
+    plan = Plan(model_fingerprint(model), keep, {"ranker": "test", "pairs": ["fr-en", "en-fr"]})
+    parent = export_gguf(model, tmp_path / "parent.gguf", dtype="f16")
+    pruned = prune_gguf(parent, plan, tmp_path / "pruned.gguf")
+    template = field_value(open_gguf(pruned), "tokenizer.chat_template")
+    assert default_direction(template) == "fr->en"
+    assert template == with_default_direction(TEMPLATE, "fr", "en")
+    llm = llama_cpp.Llama(str(pruned), n_ctx=512, n_threads=1, verbose=False)
+    reply = llm.create_chat_completion(messages=[{"role": "user", "content": "Ouvrir le fichier."}], temperature=0.0,
+                                       max_tokens=32)
+    ours = open_backend(pruned, n_threads=1).translate("Ouvrir le fichier.", "fr", "en", max_new_tokens=32)
+    assert reply["choices"][0]["message"]["content"].strip() == ours.strip()

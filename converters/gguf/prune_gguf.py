@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from converters.gguf.errors import GGUFExportError, GGUFFileError
-from converters.gguf.export import write_gguf
+from converters.gguf.export import chat_template_for_plan, write_gguf
 from converters.gguf.families import KEY_FINGERPRINT, KEY_PARENT_FINGERPRINT, KEY_PLAN, KEY_SOURCE
 from converters.gguf.gguf_file import GGUFModelFacts, field_value, gguf_fingerprint, model_facts, open_gguf
 from packager import __version__
@@ -119,6 +119,10 @@ def prune_gguf(in_file: str | os.PathLike, plan: Plan | str | os.PathLike, out_f
         KEY_PLAN: (json.dumps(plan_summary, sort_keys=True), GGUFValueType.STRING),
         KEY_SOURCE: (json.dumps(source, sort_keys=True), GGUFValueType.STRING),
     }
+    template = field_value(reader, "tokenizer.chat_template")
+    if template and chat_template_for_plan(template, plan_summary) != template:
+        # stock chat clients translate in the plan's first direction (runtime.prompt.with_default_direction)
+        replaced["tokenizer.chat_template"] = (chat_template_for_plan(template, plan_summary), GGUFValueType.STRING)
 
     planned = []  # (tensor, what is written, its shape)
     for tensor in reader.tensors:
