@@ -107,6 +107,26 @@ def _languages(directions: Sequence[str], config_languages: Sequence[str]) -> li
     return codes
 
 
+def stock_client_note(template: str, directions: Sequence[str]) -> str | None:
+    """A warning when the chat template's default direction (what stock chat clients get with
+    messages only, runtime.prompt.default_direction) is not one the bundle offers."""
+    from runtime.errors import LanguageError
+    from runtime.languages import parse_pair
+    from runtime.prompt import default_direction
+
+    default = default_direction(template)
+    if default is None:
+        return None
+    try:
+        default = str(parse_pair(default))
+    except LanguageError:
+        return f"the chat template's default direction {default!r} is not a direction; stock chat clients need a system message such as {directions[0]!r}"
+    if default in directions:
+        return None
+    return (f"stock chat clients (llama-server, Ollama) default to {default}, which this bundle does not offer; "
+            f"they must send a system message such as {directions[0]!r} (the GGUF takes its default from the plan's first pair)")
+
+
 def min_ram_bytes(metrics: dict) -> int:
     """Measured peak RSS of the runtime process (interpreter + runtime + model at the verify
     settings) plus 10%, rounded up to a MiB."""
@@ -187,6 +207,9 @@ def make_bundle(export: str | os.PathLike, metrics_path: str | os.PathLike, out:
     base = model_file.parent
     _check_metrics(metrics, str(metrics_path), files, base)
     wanted = _directions(directions, metrics, str(metrics_path))
+    note = stock_client_note(config.prompt_template, wanted) if config.format == "gguf" else None
+    if note:
+        logger.warning("bundle %s: %s", out, note)
     archive_path = out.with_name(out.name + ARCHIVE_SUFFIX)
     for target in [out] + ([archive_path] if archive else []):
         if target.exists() and not force:

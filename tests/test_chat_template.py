@@ -190,3 +190,12 @@ def test_pruned_gguf_defaults_to_the_plans_direction(tmp_path):
                                        max_tokens=32)
     ours = open_backend(pruned, n_threads=1).translate("Ouvrir le fichier.", "fr", "en", max_new_tokens=32)
     assert reply["choices"][0]["message"]["content"].strip() == ours.strip()
+
+
+def test_bundle_warns_when_stock_clients_default_elsewhere():
+    from packager.bundle import stock_client_note
+
+    assert stock_client_note(TEMPLATE, ["en->de", "de->en"]) is None
+    assert stock_client_note(OLD_TEMPLATE, ["fr->en"]) is None  # no default: nothing to say
+    note = stock_client_note(TEMPLATE, ["fr->en"])
+    assert "default to en->de, which this bundle does not offer" in note and "'fr->en'" in note
