@@ -112,7 +112,13 @@ def estimate_check(model: Path, fmt: str, measured_peak: int) -> dict:
     files = [model] if fmt == "gguf" else [p for p in model.parent.iterdir() if p.is_file()]
     estimate = estimate_ram_bytes(model, fmt, sum(p.stat().st_size for p in files))
     without_margin = estimate / RAM_MARGIN
-    return {"estimate_bytes_without_margin": int(without_margin), "measured_peak_rss_bytes": measured_peak,
+    breakdown = None
+    if fmt == "gguf":
+        from packager.fit import gguf_memory_breakdown
+
+        breakdown = gguf_memory_breakdown(model)
+    return {"estimate_bytes_without_margin": int(without_margin), "llama_cpp_breakdown": breakdown,
+            "measured_peak_rss_bytes": measured_peak,
             "ratio": round(without_margin / measured_peak, 3)}
 
 

@@ -209,37 +209,90 @@ DEFAULT_N_CTX = 2048
 
 
 def estimate_ram_bytes(model_file: Path | None, fmt: str, storage_bytes: int) -> int | None:
-    """A dry-run estimate for a bundle verify did not measure: runtime baseline + weights +
-    (GGUF) the F16 KV cache at the runtime's context length and a compute buffer, from the
-    GGUF metadata without reading the weights; (ONNX) twice the weights (ONNX Runtime keeps
-    an initialised copy beside the file's). Plus the same 10% margin as a measured figure."""
+    """A dry-run estimate for a bundle verify did not measure, plus the same 10% margin as a
+    measured figure. GGUF: runtime baseline + llama.cpp's own memory breakdown at the runtime's
+    context settings (`gguf_memory_breakdown`: weights, KV cache, output and compute buffers;
+    the weights are not read), else the same terms from the GGUF metadata by formula. ONNX:
+    baseline + twice the files (ONNX Runtime keeps an initialised copy beside the file's)."""
     if fmt == "gguf" and model_file is not None and model_file.is_file():
-        try:
-            from gguf import GGUFReader
-        except ImportError:
+        breakdown = gguf_memory_breakdown(model_file) or _gguf_formula(model_file)
+        if breakdown is None:
             return None
-        reader = GGUFReader(str(model_file), "r")
-        arch = _field(reader, "general.architecture")
-        if not arch:
-            return None
-        n_layer = int(_field(reader, f"{arch}.block_count") or 0)
-        n_embd = int(_field(reader, f"{arch}.embedding_length") or 0)
-        n_head = int(_field(reader, f"{arch}.attention.head_count") or 1)
-        n_head_kv = int(_field(reader, f"{arch}.attention.head_count_kv") or n_head)
-        head_k = int(_field(reader, f"{arch}.attention.key_length") or (n_embd // max(n_head, 1)))
-        head_v = int(_field(reader, f"{arch}.attention.value_length") or head_k)
-        n_vocab = len(_field(reader, "tokenizer.ggml.tokens") or [])
-        weights = sum(int(t.n_bytes) for t in reader.tensors)
-        n_ctx = min(DEFAULT_N_CTX, int(_field(reader, f"{arch}.context_length") or DEFAULT_N_CTX))  # as the runtime
-        del reader
-        kv = n_layer * n_ctx * n_head_kv * (head_k + head_v) * 2
-        # llama.cpp's CPU compute buffer: logits (n_vocab floats per output row, ubatch 512) and
-        # the activations of one ubatch; an approximation, not llama.cpp's own measurement
-        compute = 512 * (n_vocab + 4 * n_embd) * 4
-        return int((RUNTIME_BASELINE_BYTES["gguf"] + weights + kv + compute) * RAM_MARGIN)
+        return int((RUNTIME_BASELINE_BYTES["gguf"] + sum(breakdown.values())) * RAM_MARGIN)
     if fmt == "onnx":
         return int((RUNTIME_BASELINE_BYTES["onnx"] + 2 * storage_bytes) * RAM_MARGIN)
     return None
+
+
+_DRY_RUN = r"""
+import json, logging, re, sys
+from runtime.backends.llama_cpp_backend import llama_module, logger
+lines = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        lines.append(record.getMessage())
+logger.addHandler(Keep()); logger.setLevel(logging.DEBUG); logger.propagate = False
+ll = llama_module()
+ll.llama_backend_init()
+mp = ll.llama_model_default_params()
+mp.no_alloc = True                      # llama.cpp's memory-fit pass: metadata only, allocations simulated
+mp.load_mode = ll.LLAMA_LOAD_MODE_NONE
+model = ll.llama_model_load_from_file(sys.argv[1].encode(), mp)
+if not model:
+    sys.exit(3)
+n_ctx = min(int(sys.argv[2]), ll.llama_model_n_ctx_train(model) or int(sys.argv[2]))
+cp = ll.llama_context_default_params()  # as runtime.backends.llama_cpp_backend sets them
+cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, n_ctx, min(512, n_ctx)
+cp.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+if not ll.llama_init_from_model(model, cp):
+    sys.exit(4)
+def mib(pattern):
+    found = [float(m.group(1)) for line in lines for m in [re.search(pattern, line)] if m]
+    return int(sum(found) * 2**20)
+print(json.dumps({"model": int(ll.llama_model_size(model)), "kv": mib(r"llama_kv_cache: size = +([0-9.]+) MiB"),
+                  "output": mib(r"output buffer size = +([0-9.]+) MiB"),
+                  "compute": mib(r"compute buffer size = +([0-9.]+) MiB")}))
+"""
+
+
+def gguf_memory_breakdown(model_file: Path, n_ctx: int = DEFAULT_N_CTX) -> dict[str, int] | None:
+    """llama.cpp's memory breakdown (bytes of weights, KV cache, output and compute buffers) from
+    a dry run (`no_alloc`, as llama.cpp's --fit does), in a child process since llama.cpp aborts
+    on what it cannot load; None when the dry run fails."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run([sys.executable, "-c", _DRY_RUN, str(model_file), str(n_ctx)], capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return None
+
+
+def _gguf_formula(model_file: Path) -> dict[str, int] | None:
+    """The breakdown's terms from the GGUF metadata (when the dry run is not possible)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return None
+    reader = GGUFReader(str(model_file), "r")
+    arch = _field(reader, "general.architecture")
+    if not arch:
+        return None
+    n_layer = int(_field(reader, f"{arch}.block_count") or 0)
+    n_embd = int(_field(reader, f"{arch}.embedding_length") or 0)
+    n_head = int(_field(reader, f"{arch}.attention.head_count") or 1)
+    n_head_kv = int(_field(reader, f"{arch}.attention.head_count_kv") or n_head)
+    head_k = int(_field(reader, f"{arch}.attention.key_length") or (n_embd // max(n_head, 1)))
+    head_v = int(_field(reader, f"{arch}.attention.value_length") or head_k)
+    n_vocab = len(_field(reader, "tokenizer.ggml.tokens") or [])
+    weights = sum(int(t.n_bytes) for t in reader.tensors)
+    n_ctx = min(DEFAULT_N_CTX, int(_field(reader, f"{arch}.context_length") or DEFAULT_N_CTX))  # as the runtime
+    del reader
+    # compute: logits of a 512-token ubatch plus its activations (llama.cpp reserves the worst case)
+    return {"model": weights, "kv": n_layer * n_ctx * n_head_kv * (head_k + head_v) * 2,
+            "compute": min(512, n_ctx) * (n_vocab + 4 * n_embd) * 4}
 
 
 def _field(reader, key: str):

@@ -139,3 +139,18 @@ def test_fit_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FitError, match="holds no bundle"):
         load_candidates(tmp_path / "empty")
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "models" / "default" / "config.json").is_file(),
+                    reason="models/default is not trained")
+def test_gguf_dry_run_breakdown_matches_the_metadata(tmp_path):
+    """llama.cpp's dry run (no_alloc) gives the weights' size and the KV cache the formula gives."""
+    from converters.gguf.export import export_gguf
+    from packager.fit import RAM_MARGIN, RUNTIME_BASELINE_BYTES, _gguf_formula, estimate_ram_bytes, gguf_memory_breakdown
+
+    gguf = export_gguf(Path(__file__).resolve().parents[1] / "models" / "default", tmp_path / "d.gguf", dtype="f16")
+    dry, formula = gguf_memory_breakdown(gguf), _gguf_formula(gguf)
+    assert dry is not None and dry["model"] == formula["model"] and dry["kv"] == formula["kv"]
+    assert 0.8 < dry["compute"] / formula["compute"] < 1.2
+    assert estimate_ram_bytes(gguf, "gguf", 0) == int((RUNTIME_BASELINE_BYTES["gguf"] + sum(dry.values())) * RAM_MARGIN)
+    assert gguf_memory_breakdown(tmp_path / "missing.gguf") is None
