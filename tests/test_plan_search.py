@@ -163,3 +163,25 @@ def test_within_drop_correlation(setup):
         same = [r for r in grid if f"{r['drop']:g}" == drop]
         assert entry["n"] == len(same)
         assert entry["spearman"] == spearman([-r["proxy"] for r in same], [r["chrf++"] for r in same])
+
+
+def test_cli_writes_plan_frontier_and_plot(setup, tmp_path, monkeypatch, capsys):
+    from test_prune_cli import run_cli
+
+    work, model, dev, stats = setup
+    stats_path = tmp_path / "stats.safetensors"
+    stats.save(stats_path)
+    common = ["plan", "search", str(stats_path), "--model", str(model), "--dev", str(dev), "--langs", "de",
+              "--drops", "0.5,0.75", "--rankers", "routing-mass,frequency", "--dev-n", "10", "--refine-steps", "1",
+              "--work", str(work / "cache")]
+    code, out, err = run_cli(monkeypatch, capsys, *common, "--drop", "0.5", "--out", str(tmp_path / "plan.json"))
+    assert code == 0, err
+    assert "rank correlation" in out and "frontier" in out
+    saved = json.loads((tmp_path / "plan.frontier.json").read_text())
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["meta"]["search"]["name"] == saved["chosen"]["name"]
+    assert (tmp_path / "plan.frontier.png").stat().st_size > 0
+    code, out, err = run_cli(monkeypatch, capsys, *common, "--max-file-mb", "safetensors=0.001",
+                             "--out", str(tmp_path / "none.json"))
+    assert code != 0 and "no plan meets the budgets" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "none.json").exists() and (tmp_path / "none.frontier.json").is_file()
