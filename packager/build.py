@@ -19,6 +19,8 @@ PACKS.toml (paths are relative to the TOML file):
     ranker = "routing-mass"               # default for every variant
     threads = 2                           # runtime / quantizer threads
     archive = false                       # also write BUNDLE.tar
+    profiles = ["pi4-2gb", "phone-3gb"]   # optional: RUN/fit.json names the best bundle per direction
+                                          # that fits each device profile (packager fit)
 
     [calibration]
     data = ["../data/harvest/dev.jsonl"]
@@ -127,6 +129,7 @@ class BuildConfig:
     archive: bool
     sha256: str = ""
     parent_gguf_type: str | None = None   # a GGUF parent's own type ("F16", "Q8_0", ...); None: Hugging Face parent
+    profiles: tuple[str, ...] = ()        # device profiles (packager.fit.PROFILES): fit.json names the best bundle for each
 
     @property
     def gguf_parent(self) -> bool:
@@ -195,7 +198,7 @@ def load_build_config(path: str | os.PathLike) -> BuildConfig:
         raise BuildError(f"{path}: build file not found; see packs/demo.toml for an example") from None
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise BuildError(f"{path}: not valid TOML ({exc})") from None
-    known = {"parent", "drop_ratios", "ranker", "threads", "archive", "calibration", "verify", "variant", "pack"}
+    known = {"parent", "drop_ratios", "ranker", "threads", "archive", "calibration", "verify", "variant", "pack", "profiles"}
     parent, parent_gguf_type = _parent(source, data.get("parent"))
     if parent_gguf_type is not None:
         _refuse_distillation(source, data, data.get("parent"))
@@ -292,8 +295,14 @@ def load_build_config(path: str | os.PathLike) -> BuildConfig:
     threads = data.get("threads")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise _fail(source, f"threads must be a positive integer, got {threads!r}")
+    from packager.fit import PROFILES
+
+    profiles = data.get("profiles", [])
+    if not isinstance(profiles, list) or any(name not in PROFILES for name in profiles):
+        raise _fail(source, f"profiles must be a list of device profiles ({', '.join(PROFILES)}), got {profiles!r}")
     return BuildConfig(source, parent, packs, variants, calibration_data, calibration, test_file, verify_settings,
-                       threads, bool(data.get("archive", False)), hashlib.sha256(raw).hexdigest(), parent_gguf_type)
+                       threads, bool(data.get("archive", False)), hashlib.sha256(raw).hexdigest(), parent_gguf_type,
+                       tuple(profiles))
 
 
 def _parent(source: Path, value: Any) -> tuple[Path, str | None]:
@@ -728,9 +737,29 @@ def _build(config: BuildConfig, run_dir: Path, *, dry_run: bool, console, comman
                         "outputs": [str(p) for p in s.outputs]} for s in steps]
     record["bundles"] = [str(p) for p in bundles]
     record["report"] = str(report_dir / "index.html")
+    if config.profiles and not dry_run:
+        record["fit"] = _fit_profiles(config.profiles, bundles, run_dir, console)
     if not dry_run:
         atomic_write_json(run_dir / "build.json", record)
     return record
+
+
+def _fit_profiles(profiles: Sequence[str], bundles: Sequence[Path], run_dir: Path, console) -> str:
+    """`packager fit` of the built bundles for each profile of the packs file -> RUN/fit.json."""
+    from packager.fit import PROFILES, describe, fit, load_bundle_dirs
+    from runtime.atomic import atomic_write_json
+
+    candidates = load_bundle_dirs(bundles)
+    out = {}
+    for name in profiles:
+        budget = PROFILES[name]
+        results = fit(candidates, None, budget["ram_bytes"], budget["storage_bytes"])
+        lines, ok = describe(results, budget["ram_bytes"], budget["storage_bytes"])
+        console.print(f"profile {name}:" + "".join(f"\n  {line}" for line in lines))
+        out[name] = {"budget": budget, "all_directions_fit": ok,
+                     "best": {d: next((v.candidate.path for v in verdicts if v.fits), None) for d, verdicts in results.items()}}
+    atomic_write_json(run_dir / "fit.json", out)
+    return str(run_dir / "fit.json")
 
 
 def _plan_runner(stats_path: Path, plan_path: Path, pack: PackSpec, drop: float, variant: Variant, command):

@@ -186,6 +186,11 @@ def load_candidates(source: str | os.PathLike) -> list[Candidate]:
     return found
 
 
+def load_bundle_dirs(paths: Sequence[str | os.PathLike]) -> list[Candidate]:
+    """Candidates of these bundle directories (what `packager build` made)."""
+    return [_read_bundle_dir(Path(p)) for p in paths]
+
+
 def _read_bundle_dir(path: Path) -> Candidate:
     from runtime.bundle import MANIFEST_NAME
     from runtime.errors import EdgeError

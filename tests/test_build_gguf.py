@@ -74,7 +74,7 @@ def work(tmp_path_factory) -> Path:
     gguf_file = export_gguf(work / "hf", work / "parent.gguf", dtype="f16")
     export_config_path(gguf_file).unlink()
     write_test_data(work / "data.jsonl")
-    (work / "packs.toml").write_text(packs_toml())
+    (work / "packs.toml").write_text(packs_toml(extra='profiles = ["laptop-8gb", "phone-3gb"]'))
     (work / "blocker").mkdir()
     (work / "blocker" / "sitecustomize.py").write_text(SITECUSTOMIZE)
     return work
@@ -136,6 +136,11 @@ def test_gguf_parent_builds_bundles_without_torch(work):
     assert sorted((r["role"], r["quantization"]) for r in rows) == [
         ("parent", "F16"), ("parent", "Q8_0"), ("pruned", "F16"), ("pruned", "Q8_0")]
     assert not export_config_path(work / "parent.gguf").exists()  # nothing written beside the parent
+    fitted = json.loads((work / "run" / "fit.json").read_text())  # profiles = [...]: packager fit per profile
+    assert record["fit"] == str(work / "run" / "fit.json") and list(fitted) == ["laptop-8gb", "phone-3gb"]
+    assert fitted["laptop-8gb"]["all_directions_fit"]
+    assert set(fitted["laptop-8gb"]["best"]) == {"en->de", "en->fr"}
+    assert fitted["laptop-8gb"]["best"]["en->de"] in record["bundles"]
 
     again = torch_free(work, "build", "packs.toml", "--out", "run", "--dry-run")
     assert again.returncode == 0, again.stderr[-2000:]
@@ -161,7 +166,8 @@ quant = ["int8"]
     (VARIANT, "distill = true", "distill: distillation needs a Hugging Face parent"),
     (VARIANT.replace('quant = ["F16", "Q8_0"]', 'distill = {minutes = 5}'), "",
      "[[variant]] #1 distill: distillation needs a Hugging Face parent"),
-], ids=["onnx", "distill", "variant-distill"])
+    (VARIANT, 'profiles = ["toaster"]', "profiles must be a list of device profiles (pi4-2gb, pi5-8gb"),
+], ids=["onnx", "distill", "variant-distill", "profile"])
 def test_onnx_and_distillation_are_refused_for_a_gguf_parent(work, tmp_path, variants, extra, message):
     packs = work / f"refused-{tmp_path.name}.toml"
     packs.write_text(packs_toml(variants=variants, extra=extra))
