@@ -3,7 +3,7 @@ pinned llama-cpp-python source) on a chat template. Used by tests/test_chat_temp
 
 The source is the unpacked llama-cpp-python sdist (`pip download --no-binary :all:
 llama-cpp-python==0.3.36`, then untar), found through LLAMA_CPP_PYTHON_SRC. The binary is cached
-under ~/.cache/edge-translate (about 2 minutes of one core to build, once).
+under ~/.cache/edge-translate (built once; well under a minute of one core here).
 """
 from __future__ import annotations
 
