@@ -395,7 +395,7 @@ def test_unsupported_models_are_refused(tmp_path):
     with pytest.raises(GGUFExportError, match=r"layers \[0\] are dense MLP layers"):
         export_gguf(dense, tmp_path / "d.gguf")
     deepseek = build_model("deepseek_v3", tmp_path / "deepseek")
-    with pytest.raises(UnsupportedArchitecture, match="family 'deepseek_v3' has no GGUF export.*nor does ONNX yet"):
+    with pytest.raises(UnsupportedArchitecture, match=r"family 'deepseek_v3' has no GGUF export.*\(use `packager export onnx` for this one\)"):
         export_gguf(deepseek, tmp_path / "f.gguf")
     config = json.loads((wordlevel / "config.json").read_text())
     (tmp_path / "other").mkdir()

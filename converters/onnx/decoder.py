@@ -142,6 +142,9 @@ class DecoderBuilder:
             raise OnnxExportError(f"activation {act!r} is not supported by the ONNX exporter (only silu)")
         self.n_heads, self.n_kv_heads = text.num_attention_heads, text.num_key_value_heads
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // self.n_heads
+        if self.pieces.attention == "mla":  # every head keeps its expanded key / value (see families.py)
+            self.qk_head_dim = text.qk_nope_head_dim + text.qk_rope_head_dim
+            self.n_kv_heads, self.head_dim = self.n_heads, max(self.qk_head_dim, text.v_head_dim)
         self.hidden = text.hidden_size
         self.top_k = self.arch.top_k(self.config)
         self.moe_layers = set(self.arch.moe_layers(self.config))
@@ -234,6 +237,8 @@ class DecoderBuilder:
     # ------------------------------------------------------------------ attention
     def attention(self, x: str, layer_idx: int, cos: str, sin: str, mask: str, dims: str,
                   past_key: str, past_value: str) -> tuple[str, str, str]:
+        if self.pieces.attention == "mla":
+            return self.mla_attention(x, layer_idx, cos, sin, mask, dims, past_key, past_value)
         g = self.g
         module = f"model.layers.{layer_idx}.self_attn"
         prefix = f"layers.{layer_idx}.attention"
@@ -291,6 +296,82 @@ class DecoderBuilder:
         out = g.op("Reshape", [out, g.const([-1, heads * dim], np.int64)])
         return self.projection(out, f"{module}.o_proj", f"{prefix}.o_weight"), key, value
 
+    def mla_rope(self, t: str, cos: str, sin: str) -> str:
+        """RoPE on [B, n, S, R] rope dims: rotate-half, or DeepSeek's interleaved pairs
+        (x0, x1), (x2, x3), ... each rotated by one frequency, written as the even rotations
+        then the odd ones (transformers' layout)."""
+        g = self.g
+        rope = self.text_config.qk_rope_head_dim
+        if not getattr(self.text_config, "rope_interleave", False):
+            first, second = g.op("Split", [t, g.const([rope // 2, rope // 2], np.int64)], 2, axis=-1)
+            rotated = g.op("Concat", [g.op("Neg", [second]), first], axis=-1)
+            return g.op("Add", [g.op("Mul", [t, cos]), g.op("Mul", [rotated, sin])])
+        half = [g.const([0], np.int64), g.const([rope // 2], np.int64), g.const([-1], np.int64)]
+        cos_h, sin_h = g.op("Slice", [cos, *half]), g.op("Slice", [sin, *half])
+        big = g.const([rope], np.int64)
+        axis, step = g.const([-1], np.int64), g.const([2], np.int64)
+        even = g.op("Slice", [t, g.const([0], np.int64), big, axis, step])
+        odd = g.op("Slice", [t, g.const([1], np.int64), big, axis, step])
+        return g.op("Concat", [g.op("Sub", [g.op("Mul", [even, cos_h]), g.op("Mul", [odd, sin_h])]),
+                               g.op("Add", [g.op("Mul", [odd, cos_h]), g.op("Mul", [even, sin_h])])], axis=-1)
+
+    def mla_attention(self, x: str, layer_idx: int, cos: str, sin: str, mask: str, dims: str,
+                      past_key: str, past_value: str) -> tuple[str, str, str]:
+        """Multi-head latent attention (DeepSeek-V3), see families.py."""
+        g = self.g
+        text = self.text_config
+        module = f"model.layers.{layer_idx}.self_attn"
+        prefix = f"layers.{layer_idx}.attention"
+        attn = self.w.skeleton.get_submodule(module)
+        heads, width = self.n_heads, self.head_dim
+        nope, rope, v_dim, lora = text.qk_nope_head_dim, text.qk_rope_head_dim, text.v_head_dim, text.kv_lora_rank
+        qk = nope + rope
+        if getattr(text, "q_lora_rank", None):
+            q = self.projection(x, f"{module}.q_a_proj", f"{prefix}.q_a")
+            q = self.rms_norm(q, f"{module}.q_a_layernorm.weight", attn.q_a_layernorm.variance_epsilon, f"{prefix}.q_a_norm")
+            q = self.projection(q, f"{module}.q_b_proj", f"{prefix}.q_b")
+        else:
+            q = self.projection(x, f"{module}.q_proj", f"{prefix}.q_weight")
+        perm = dict(perm=[0, 2, 1, 3])
+
+        def heads_first(t, n, d):  # [T, n*d] -> [B, n, S, d]
+            return g.op("Transpose", [g.op("Reshape", [t, g.op("Concat", [dims, g.const([n, d], np.int64)], axis=0)])], **perm)
+
+        q_nope, q_rot = g.op("Split", [heads_first(q, heads, qk), g.const([nope, rope], np.int64)], 2, axis=-1)
+        compressed = self.projection(x, f"{module}.kv_a_proj_with_mqa", f"{prefix}.kv_a")
+        latent, k_rot = g.op("Split", [compressed, g.const([lora, rope], np.int64)], 2, axis=-1)
+        latent = self.rms_norm(latent, f"{module}.kv_a_layernorm.weight", attn.kv_a_layernorm.variance_epsilon,
+                               f"{prefix}.kv_a_norm")
+        kv = heads_first(self.projection(latent, f"{module}.kv_b_proj", f"{prefix}.kv_b"), heads, nope + v_dim)
+        k_nope, v = g.op("Split", [kv, g.const([nope, v_dim], np.int64)], 2, axis=-1)
+        q_rot = self.mla_rope(q_rot, cos, sin)
+        k_rot = self.mla_rope(heads_first(k_rot, 1, rope), cos, sin)                 # one rope key for all heads
+        k_rot = g.op("Expand", [k_rot, g.const([1, heads, 1, 1], np.int64)])
+        q = g.op("Concat", [q_nope, q_rot], axis=-1)
+        k = g.op("Concat", [k_nope, k_rot], axis=-1)
+
+        def padded(t, d):  # the cache keeps one head width for keys and values
+            if d == width:
+                return t
+            pad = g.op("Mul", [g.op("Slice", [t, g.const([0], np.int64), g.const([1], np.int64), g.const([-1], np.int64)]),
+                               g.const(0.0)])
+            return g.op("Concat", [t, g.op("Tile", [pad, g.const([1, 1, 1, width - d], np.int64)])], axis=-1)
+
+        key = g.op("Concat", [past_key, padded(k, qk)], axis=2, name=f"{prefix}/key")
+        value = g.op("Concat", [past_value, padded(v, v_dim)], axis=2, name=f"{prefix}/value")
+
+        def narrow(t, d):
+            if d == width:
+                return t
+            return g.op("Slice", [t, g.const([0], np.int64), g.const([d], np.int64), g.const([-1], np.int64)])
+
+        scores = g.op("MatMul", [q, g.op("Transpose", [narrow(key, qk)], perm=[0, 1, 3, 2])])   # [B, H, S, T]
+        mask4 = g.op("Squeeze", [mask, g.const([2], np.int64)])                                  # [B, 1, S, T]
+        scores = g.op("Add", [g.op("Mul", [scores, g.const(float(attn.scaling))]), mask4])
+        out = g.op("MatMul", [g.op("Softmax", [scores], axis=-1), narrow(value, v_dim)])      # [B, H, S, v]
+        out = g.op("Reshape", [g.op("Transpose", [out], **perm), g.const([-1, heads * v_dim], np.int64)])
+        return self.projection(out, f"{module}.o_proj", f"{prefix}.o_weight"), key, value
+
     # ------------------------------------------------------------------ routed experts
     def _expert_fc1(self, layer_idx: int, expert_idx: int) -> np.ndarray:
         """Gate/up rows interleaved (g0, u0, g1, u1, ...), [2I, H]: the MoE op's fc1 layout."""
@@ -334,23 +415,74 @@ class DecoderBuilder:
         if n < self.top_k:
             raise OnnxExportError(f"layer {layer_idx} keeps {n} experts, fewer than top-k {self.top_k}")
         kind = self.arch.routing_kind
-        if kind not in ("softmax_topk", "topk_softmax"):
+        if kind not in ("softmax_topk", "topk_softmax", "sigmoid_group"):
             raise OnnxExportError(f"routing {kind!r} ({self.arch.family}) is not supported by the ONNX exporter yet")
         logits = self.router_logits(x, layer_idx, prefix)
         self.record.kept_fp32.append(f"{prefix}.router")
         normalize = True if kind == "topk_softmax" else bool(self.arch.routing_param(self.config, "renorm"))
         fc1_bias, fc2_bias = self._expert_biases(layer_idx)
-        if self.formulation == "contrib":
+        dense = self.sigmoid_group_weights(logits, layer_idx, prefix) if kind == "sigmoid_group" else None
+        if self.formulation == "contrib" and dense is not None:
+            # the op's softmax over log-weights (very negative where not chosen) gives weight / sum
+            # for exactly the k chosen experts; the sum multiplies the output back
+            minimum = g.const(-1e30)
+            log_weights = g.op("Where", [g.op("Greater", [dense, g.const(0.0)]), g.op("Log", [dense]), minimum],
+                               name=f"{prefix}/log_routing_weights")
+            out = self._moe_contrib(x, log_weights, layer_idx, prefix, False, fc1_bias, fc2_bias)
+            out = g.op("Mul", [out, g.op("ReduceSum", [dense, g.const([-1], np.int64)], keepdims=1)])
+        elif self.formulation == "contrib":
             out = self._moe_contrib(x, logits, layer_idx, prefix, normalize, fc1_bias, fc2_bias)
         else:
-            out = self._moe_standard(x, logits, layer_idx, prefix, kind, normalize, fc1_bias, fc2_bias)
+            out = self._moe_standard(x, logits, layer_idx, prefix, kind, normalize, fc1_bias, fc2_bias, dense)
         if self.pieces.shared == "sigmoid_gated":
             block = self.arch.moe_block_module(layer_idx)
             shared = self.dense_mlp(x, f"{block}.{self.pieces.shared_module}", f"{prefix}.shared")
             gate = self.projection(x, f"{block}.{self.pieces.shared_gate_module}", f"{prefix}.shared_gate", keep_fp32=True)
             self.record.kept_fp32.append(f"{prefix}.shared_gate")
             out = g.op("Add", [out, g.op("Mul", [shared, g.op("Sigmoid", [gate])])])
+        elif self.pieces.shared == "plain":
+            block = self.arch.moe_block_module(layer_idx)
+            out = g.op("Add", [out, self.dense_mlp(x, f"{block}.{self.pieces.shared_module}", f"{prefix}.shared")])
         return out
+
+    def sigmoid_group_weights(self, logits: str, layer_idx: int, prefix: str) -> str:
+        """DeepSeek-V3 routing as a dense [T, E] weight matrix (zero where not chosen): sigmoid
+        scores; selection on scores + e_score_correction_bias, limited to the topk_group groups
+        with the best sum of their top group_score_top biased scores; weights are the unbiased
+        scores of the chosen, renormalised (norm_topk_prob) and times routed_scaling_factor."""
+        g = self.g
+        n = self.n_experts[layer_idx]
+        n_group = int(self.arch.routing_param(self.config, "n_group") or 1)
+        topk_group = int(self.arch.routing_param(self.config, "topk_group") or n_group)
+        group_top = int(self.arch.routing["group_score_top"])
+        if n % n_group:
+            raise OnnxExportError(f"layer {layer_idx}: {n} experts do not split into {n_group} equal routing groups")
+        size = n // n_group
+        if size < group_top or topk_group * size < self.top_k:
+            raise OnnxExportError(f"layer {layer_idx}: {size} experts per routing group cannot serve group-limited "
+                                  f"top-{self.top_k} (topk_group {topk_group}, group score from the top {group_top})")
+        scores = g.op("Sigmoid", [logits])
+        bias_name = f"{self.arch.router_module(layer_idx)}.e_score_correction_bias"
+        choice = scores
+        if self.w.has(bias_name):
+            choice = g.op("Add", [scores, g.small_weight(f"{prefix}.score_bias", self.w.array(bias_name).astype(np.float32))])
+        grouped = g.op("Reshape", [choice, g.const([-1, n_group, size], np.int64)])
+        best, _ = g.op("TopK", [grouped, g.const([group_top], np.int64)], 2, axis=-1)
+        group_scores = g.op("ReduceSum", [best, g.const([-1], np.int64)], keepdims=0)          # [T, G]
+        top_groups, group_idx = g.op("TopK", [group_scores, g.const([topk_group], np.int64)], 2, axis=-1)
+        ones = g.op("Add", [g.op("Mul", [top_groups, g.const(0.0)]), g.const(1.0)])
+        group_mask = g.op("ScatterElements", [g.op("Mul", [group_scores, g.const(0.0)]), group_idx, ones], axis=1)
+        expert_mask = g.op("Reshape", [g.op("Expand", [g.op("Unsqueeze", [group_mask, g.const([-1], np.int64)]),
+                                                        g.const([1, 1, size], np.int64)]), g.const([-1, n], np.int64)])
+        choice = g.op("Where", [g.op("Greater", [expert_mask, g.const(0.0)]), choice, g.const(float("-inf"))])
+        _, idx = g.op("TopK", [choice, g.const([self.top_k], np.int64)], 2, axis=-1)
+        weights = g.op("GatherElements", [scores, idx], axis=1)
+        if self.arch.routing_param(self.config, "renorm"):
+            total = g.op("Add", [g.op("ReduceSum", [weights, g.const([-1], np.int64)], keepdims=1), g.const(1e-20)])
+            weights = g.op("Div", [weights, total])
+        weights = g.op("Mul", [weights, g.const(float(self.arch.routing_param(self.config, "scaling") or 1.0))])
+        return g.op("ScatterElements", [g.op("Mul", [scores, g.const(0.0)]), idx, weights], axis=1,
+                    name=f"{prefix}/routing_weights")
 
     def _moe_contrib(self, x, logits, layer_idx, prefix, normalize, fc1_bias, fc2_bias) -> str:
         g = self.g
@@ -398,21 +530,24 @@ class DecoderBuilder:
         return g.op("QMoE", [x, logits, names[0][0], names[0][1], bias1, names[1][0], names[1][1], bias2],
                     name=f"{prefix}/qmoe", domain=CONTRIB_DOMAIN, expert_weight_bits=bits, weights_prepacked=0, **attrs, **extra)
 
-    def _moe_standard(self, x, logits, layer_idx, prefix, kind, normalize, fc1_bias, fc2_bias) -> str:
+    def _moe_standard(self, x, logits, layer_idx, prefix, kind, normalize, fc1_bias, fc2_bias, dense=None) -> str:
         """Standard ONNX ops: routing weights as a dense [T, E] matrix (zero where not chosen),
         then per expert either only the tokens that chose it ("sparse": NonZero, Gather,
         ScatterND add) or every token ("dense")."""
         g = self.g
         n = self.n_experts[layer_idx]
         k = g.const([self.top_k], np.int64)
-        if kind == "topk_softmax":
+        if dense is not None:  # precomputed (sigmoid_group)
+            pass
+        elif kind == "topk_softmax":
             values, indices = g.op("TopK", [logits, k], 2, axis=-1)
             weights = g.op("Softmax", [values], axis=-1)
         else:
             values, indices = g.op("TopK", [g.op("Softmax", [logits], axis=-1), k], 2, axis=-1)
             weights = g.op("Div", [values, g.op("ReduceSum", [values, g.const([-1], np.int64)], keepdims=1)]) if normalize else values
-        dense = g.op("ScatterElements", [g.op("Mul", [logits, g.const(0.0)]), indices, weights], axis=1,
-                     name=f"{prefix}/routing_weights")
+        if dense is None:
+            dense = g.op("ScatterElements", [g.op("Mul", [logits, g.const(0.0)]), indices, weights], axis=1,
+                         name=f"{prefix}/routing_weights")
         out = g.op("Mul", [x, g.const(0.0)])
         for e in range(n):
             gate_up, down = self._expert_gate_up_down(layer_idx, e)
