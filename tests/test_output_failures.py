@@ -1,10 +1,11 @@
 """Writing stages fail in one line and leave nothing behind: a simulated full disk (a write
 wrapper raising ENOSPC after N bytes), a missing or read-only output folder, SIGTERM; and the
-same inputs give byte-identical GGUF files."""
+same inputs give byte-identical GGUF and ONNX files."""
 from __future__ import annotations
 
 import builtins
 import errno
+import io
 import os
 import signal
 import subprocess
@@ -12,20 +13,25 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_bundle import gguf_file, metrics_path, test_data, work  # noqa: F401 (fixtures)
 from test_gguf import KEEP, build_model
+from test_report import runs  # noqa: F401 (fixture)
 
 from converters.gguf.export import export_gguf
 from converters.gguf.prune_gguf import prune_gguf
+from converters.onnx.export import export_onnx
+from packager.bundle import make_bundle
 from packager.fingerprint import model_fingerprint
 from packager.plan_file import Plan
 from packager.prune import prune_checkpoint
+from packager.report import build_report
 from runtime.atomic import OutputError, atomic_output, atomic_write_json
 
 VENV_BIN = Path(sys.executable).parent
 
 
 class FullDisk:
-    """Every write below `root` (Python file objects, os.write, copy_file_range) raises ENOSPC
+    """Every write below `root` (Python file objects, also through pathlib, os.write, copy_file_range) raises ENOSPC
     once `limit` bytes have been written there."""
 
     def __init__(self, root: Path, limit: int) -> None:
@@ -81,6 +87,7 @@ class FullDisk:
             raise OSError(errno.EXDEV, "simulated: no kernel copy")
 
         monkeypatch.setattr(builtins, "open", open_)
+        monkeypatch.setattr(io, "open", open_)  # what Path.open/write_bytes call
         monkeypatch.setattr(os, "write", write_)
         if hasattr(os, "copy_file_range"):
             monkeypatch.setattr(os, "copy_file_range", no_kernel_copy)
@@ -171,6 +178,51 @@ def test_prune_gguf_on_a_full_disk(parent, plan_file, tmp_path, monkeypatch):
     assert list(out.iterdir()) == []
 
 
+def test_export_onnx_on_a_full_disk(parent, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    FullDisk(out, 4096).install(monkeypatch)
+    with pytest.raises(OutputError, match=rf"^{out / 'model.onnx.d'}: no space left on device"):
+        export_onnx(parent, out / "model.onnx.d", hash_inputs=False, check=False, external_data_threshold_bytes=1)
+    assert list(out.iterdir()) == []
+
+
+def test_bundle_on_a_full_disk(gguf_file, metrics_path, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    FullDisk(out, 4096).install(monkeypatch)
+    with pytest.raises(OutputError, match=rf"^{out / 'bundle'}: no space left on device \(needs [\d,]+ bytes, "):
+        make_bundle(gguf_file, metrics_path, out / "bundle", archive=True)
+    assert list(out.iterdir()) == []
+
+
+def test_bundle_archive_on_a_full_disk(gguf_file, metrics_path, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    size = gguf_file.stat().st_size
+    FullDisk(out, size + 64 * 1024).install(monkeypatch)  # the bundle fits, its tar does not
+    with pytest.raises(OutputError, match=rf"^{out / 'bundle.tar'}: no space left on device"):
+        make_bundle(gguf_file, metrics_path, out / "bundle", archive=True)
+    assert list(out.iterdir()) == []
+
+
+def test_report_on_a_full_disk_and_a_read_only_folder(runs, tmp_path, monkeypatch):
+    out = tmp_path / "report"
+    out.mkdir()
+    FullDisk(out, 2048).install(monkeypatch)
+    with pytest.raises(OutputError, match=rf"^{out}/report\.\w+: no space left on device"):
+        build_report([runs], out)
+    assert _temps(out) == []
+    monkeypatch.undo()
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(OutputError, match=rf"^{tmp_path / 'elsewhere'}: read-only file system; write elsewhere"):
+        build_report([runs], tmp_path / "elsewhere")
+
+
 def test_cli_says_one_line_for_a_missing_output_folder(parent, tmp_path):
     result = subprocess.run([str(VENV_BIN / "packager"), "export", "gguf", str(parent), "--out",
                              str(tmp_path / "missing" / "model.gguf")], capture_output=True, text=True, timeout=300)
@@ -216,3 +268,24 @@ def test_the_same_inputs_give_byte_identical_gguf(parent, plan_file, tmp_path, m
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     stamped = export_gguf(parent, tmp_path / "stamped.gguf", dtype="f16")
     assert b'"created_unix": 1700000000' in stamped.read_bytes()
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_the_same_inputs_give_byte_identical_onnx(parent, tmp_path, monkeypatch):
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+    for threshold in (1, 2**40):  # weights in model.onnx.data, then folded into model.onnx
+        first = export_onnx(parent, tmp_path / f"a{threshold}", hash_inputs=False, check=False,
+                            external_data_threshold_bytes=threshold)
+        second = export_onnx(parent, tmp_path / f"b{threshold}", hash_inputs=False, check=False,
+                             external_data_threshold_bytes=threshold)
+        files = _files(first)
+        assert {"model.onnx", "tokenizer.json", "model.export.json"} <= set(files)
+        assert ("model.onnx.data" in files) == (threshold == 1)
+        assert files == _files(second)
+        assert b"created_unix" not in files["model.export.json"]
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    stamped = export_onnx(parent, tmp_path / "stamped", hash_inputs=False, check=False)
+    assert '"created_unix": 1700000000' in (stamped / "model.export.json").read_text()

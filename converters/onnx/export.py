@@ -6,8 +6,11 @@ backend loads:
     model.export.json    runtime.schema.ExportConfig: prompt template, stop tokens, per-layer
                          expert counts, quantization record, fingerprints, provenance
 
-The directory appears atomically: everything is written into a temporary sibling, fsynced,
-then renamed. The graph is built node by node (converters/onnx/decoder.py) and every weight
+The directory appears atomically (runtime.atomic.atomic_output): everything is written into a
+temporary sibling, fsynced, then renamed; a full disk or an unwritable folder is one error line
+naming the output. The files carry no wall-clock time (SOURCE_DATE_EPOCH when set), so the same
+inputs give byte-identical files; the export's duration and peak RSS are logged, not stored.
+The graph is built node by node (converters/onnx/decoder.py) and every weight
 streams from the safetensors shards into model.onnx.data one tensor (or chunk, or expert) at
 a time, quantized on the way for int8 / int4: memory stays bounded whatever the model's size.
 The comparison with transformers (on by default) loads the model whole, so it runs only when
@@ -20,7 +23,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -30,13 +32,13 @@ from converters.onnx.errors import OnnxExportError
 from converters.onnx.options import DEFAULT_FORMULATION, DTYPES, FORMULATIONS, SUPPORTED_FAMILIES
 from converters.onnx.quantize import check_quant
 from packager.errors import OutputExistsError, PackagerError
-from runtime.atomic import make_public
+from runtime.atomic import atomic_output
 from runtime.memory import proc_status
 from runtime.backends import export_config_path
 from runtime.backends.onnx_backend import CONTRIB_OPS_NOTE, graph_input_names, graph_output_names
 from runtime.errors import EdgeError
 from runtime.schema import ExportConfig
-from packager.provenance import versions
+from packager.provenance import created_unix, versions
 
 logger = logging.getLogger(__name__)
 
@@ -54,21 +56,6 @@ SPECIAL_ROLES = ("bos", "eos", "pad", "unk", "sep")
 
 
 # ----------------------------------------------------------------------------- small helpers
-def _fsync_tree(root: Path) -> None:
-    """fsync every file and give the usual permissions (temp files are created 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    root.chmod(0o777 & ~umask)
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            path.chmod(0o666 & ~umask)
-            with path.open("rb") as handle:
-                os.fsync(handle.fileno())
-    from runtime.atomic import fsync_dir
-
-    fsync_dir(root)
-
-
 def _read_json(path: Path, what: str) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -310,9 +297,7 @@ def export_onnx(
     from converters.onnx.families import CONTRIB_ROUTING_NOTE
 
     precision = quant if quant != "fp32" else dtype
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    make_public(staging)
-    try:
+    with atomic_output(out_dir, directory=True) as staging:
         with _Stages(progress) as stages:
             with stages.stage(f"stream weights into the graph ({precision}, {formulation} MoE)"):
                 fingerprint, parent_fingerprint, plan = _parent_facts(model_dir)
@@ -367,10 +352,7 @@ def export_onnx(
                     "source": {"model_dir": str(model_dir.absolute()), "files": _input_files(model_dir, hash_inputs)},
                     "command": sys.argv,
                     "versions": versions("torch", "transformers", "onnx", "onnxruntime"),
-                    "created_unix": int(time.time()),
-                    "seconds": round(time.monotonic() - started, 2),
-                    "peak_rss_bytes": memory.get("VmHWM"),
-                    "rss_anon_bytes_at_end": memory.get("RssAnon"),
+                    **created_unix(),  # SOURCE_DATE_EPOCH or nothing: same inputs, same bytes
                 },
                 extra={
                     "n_layers": shape.n_layers,
@@ -391,12 +373,8 @@ def export_onnx(
                 },
             )
             export_config.save(export_config_path(staging / MODEL_FILE))
-        _fsync_tree(staging)
-        _replace_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    logger.info("onnx: wrote %s (%s) in %.1fs", out_dir, ", ".join(model_files), time.monotonic() - started)
+    logger.info("onnx: wrote %s (%s) in %.1fs, peak RSS %s bytes", out_dir, ", ".join(model_files),
+                time.monotonic() - started, memory.get("VmHWM"))
     return out_dir
 
 
@@ -413,21 +391,6 @@ def _quantization_record(quant: str, dtype: str, record) -> dict:
                        "experts": "com.microsoft QMoE, 4-bit symmetric block-wise (weight-only)"})
     return {"type": quant, "dtype": dtype, "method": method, "tensors": dict(record.tensors),
             "kept_fp32": sorted(set(record.kept_fp32))}
-
-
-def _replace_dir(staging: Path, out_dir: Path) -> None:
-    """Rename the finished staging directory onto out_dir (an old out_dir goes only after)."""
-    from runtime.atomic import fsync_dir
-
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-        old.rmdir()
-        os.rename(out_dir, old)
-    os.rename(staging, out_dir)
-    fsync_dir(out_dir.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 __all__ = ["export_onnx", "build_graph", "MODEL_FILE", "DATA_FILE", "TOKENIZER_FILE"]
