@@ -9,7 +9,8 @@ BUNDLE/
   manifest.sha256        digest of manifest.json (`sha256sum -c` format)
 
 The bundle is assembled in a temporary sibling directory, every file fsynced, then renamed
-into place: a failure leaves no partial bundle. `archive=True` also writes BUNDLE.tar
+into place (runtime.atomic.atomic_output): a failure leaves no partial bundle, and a full disk
+or an unwritable folder is one error line naming the output. `archive=True` also writes BUNDLE.tar
 (deterministic: sorted members, fixed owner and mtime).
 """
 from __future__ import annotations
@@ -20,7 +21,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import tarfile
 import time
@@ -159,23 +159,18 @@ def data_licenses(metrics: dict, calibration_data: Sequence[str | os.PathLike] =
 
 def _copy_hashed(src: Path, dst: Path, progress=None, task=None) -> dict[str, Any]:
     digest = hashlib.sha256()
-    with src.open("rb") as fin, dst.open("wb") as fout:
+    with src.open("rb") as fin, dst.open("wb") as fout:  # fsynced with the whole bundle
         while chunk := fin.read(CHUNK_BYTES):
             digest.update(chunk)
             fout.write(chunk)
             if progress is not None:
                 progress.advance(task, len(chunk))
-        fout.flush()
-        os.fsync(fout.fileno())
     os.chmod(dst, 0o644)
     return {"sha256": digest.hexdigest(), "bytes": dst.stat().st_size}
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    with path.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+def _write_file(path: Path, data: bytes) -> None:
+    path.write_bytes(data)  # fsynced with the whole bundle
     os.chmod(path, 0o644)
 
 
@@ -196,7 +191,7 @@ def make_bundle(export: str | os.PathLike, metrics_path: str | os.PathLike, out:
                 archive: bool = False, force: bool = False, progress: bool = False) -> Path:
     """Assemble the bundle directory `out` (and `out`.tar with `archive`); returns `out`."""
     from packager.verify import load_metrics
-    from runtime.atomic import fsync_dir
+    from runtime.atomic import atomic_output
     from runtime.bundle import ARCHIVE_SUFFIX, MANIFEST_DIGEST_NAME, MANIFEST_NAME, digest_line
     from runtime.errors import EdgeError
     from runtime.schema import BundleManifest
@@ -220,11 +215,9 @@ def make_bundle(export: str | os.PathLike, metrics_path: str | os.PathLike, out:
     if MANIFEST_NAME in names or MANIFEST_DIGEST_NAME in names:
         raise BundleBuildError(f"{export}: a model file is named {MANIFEST_NAME!r}; rename it")
 
-    staging = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        bar = _progress(progress, sum(p.stat().st_size for p in files), f"bundle {out.name}")
+    total = sum(p.stat().st_size for p in files)
+    with atomic_output(out, directory=True, needed_bytes=total) as staging:
+        bar = _progress(progress, total, f"bundle {out.name}")
         entries = {}
         with bar if bar is not None else contextlib.nullcontext():
             task = bar.tasks[0].id if bar is not None else None
@@ -258,36 +251,19 @@ def make_bundle(export: str | os.PathLike, metrics_path: str | os.PathLike, out:
         except EdgeError as exc:
             raise BundleBuildError(f"{export}: {exc}") from None
         raw = (json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-        _write_synced(staging / MANIFEST_NAME, raw)
-        _write_synced(staging / MANIFEST_DIGEST_NAME, digest_line(raw).encode("ascii"))
-        fsync_dir(staging)
+        _write_file(staging / MANIFEST_NAME, raw)
+        _write_file(staging / MANIFEST_DIGEST_NAME, digest_line(raw).encode("ascii"))
         if archive:
             _write_archive(staging, out.name, archive_path)
-        _replace_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     logger.info("bundle: wrote %s (%d files, %.1f MB)", out, len(entries), sum(e["bytes"] for e in entries.values()) / 1e6)
     return out
 
 
-def _replace_dir(staging: Path, out: Path) -> None:
-    from runtime.atomic import fsync_dir
-
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.{os.getpid()}.old")
-        os.replace(out, old)
-    os.replace(staging, out)
-    fsync_dir(out.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-
-
 def _write_archive(staging: Path, name: str, archive_path: Path) -> None:
     """Deterministic tar: sorted members under `name/`, owner 0, mtime 0, mode 0644."""
-    tmp = archive_path.with_name(f".{archive_path.name}.{os.getpid()}.tmp")
-    try:
+    from runtime.atomic import atomic_output
+
+    with atomic_output(archive_path) as tmp:
         with tmp.open("wb") as handle:
             with tarfile.open(fileobj=handle, mode="w", format=tarfile.PAX_FORMAT) as tar:
                 for path in sorted(p for p in staging.rglob("*") if p.is_file()):
@@ -295,13 +271,7 @@ def _write_archive(staging: Path, name: str, archive_path: Path) -> None:
                     info.size, info.mtime, info.mode, info.uid, info.gid = path.stat().st_size, 0, 0o644, 0, 0
                     with path.open("rb") as data:
                         tar.addfile(info, data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, archive_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    os.chmod(archive_path, 0o644)
 
 
 def _progress(enabled: bool, total: int, label: str):

@@ -522,7 +522,7 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
 
     matplotlib.use("Agg")
     from packager.fingerprint import file_sha256
-    from runtime.atomic import atomic_write_json, atomic_write_text
+    from runtime.atomic import OUTPUT_ERRNOS, atomic_write_json, atomic_write_text, output_error
 
     out_dir = Path(out_dir)
     runs = read_metrics_files(metrics_files) if metrics_files is not None else find_metrics(run_dirs)
@@ -546,6 +546,8 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
+        if exc.errno in OUTPUT_ERRNOS:  # a full disk, read-only or unwritable folder: one line naming it
+            raise output_error(out_dir, exc) from None
         raise ReportError(f"{out_dir}: cannot create the report directory ({exc})") from None
     markdown = "\n\n".join(f"### {pack}\n\n{markdown_table(rows)}" for pack, rows in packs_rows.items()) + "\n"
     atomic_write_text(out_dir / "report.md", markdown)
