@@ -553,7 +553,7 @@ def export(model, tokenizer, out: Path, state: dict, args, ema: dict | None = No
     model.config.output_router_logits = False
     model.to(torch.bfloat16).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    # transformers 5 writes only num_local_experts; 4.x readers need num_experts (DESIGN.md).
+    # transformers 5 writes only num_local_experts; 4.x readers need num_experts.
     config_path = tmp / "config.json"
     config = json.loads(config_path.read_text())
     config["num_experts"] = config["num_local_experts"]

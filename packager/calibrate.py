@@ -1,4 +1,4 @@
-"""Calibration (METHOD.md step 1): run the parent in transformers on translation prompts and
+"""Calibration (step 1 of the pipeline): run the parent in transformers on translation prompts and
 record routing statistics per layer and expert, per direction and span (packager.stats).
 
 How a run works:

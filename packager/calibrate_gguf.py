@@ -292,7 +292,7 @@ class LlamaCalibrationModel:
         params.kv_unified = True  # one KV stream: ubatches keep the batch order
         params.n_threads = params.n_threads_batch = self.n_threads
         params.no_perf = True
-        # the settings under which llama.cpp matches transformers fp32 (FACTS.md)
+        # the settings under which llama.cpp matches transformers fp32 (tests/test_gguf.py parity tests)
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         params.type_k = params.type_v = llama_cpp.GGML_TYPE_F32
         if kind == "tap":

@@ -1,4 +1,4 @@
-"""Recovery by sequence-level distillation (METHOD.md step 4).
+"""Recovery by sequence-level distillation (step 4 of the pipeline).
 
 1. Lineage: the pruned checkpoint must come from the parent. Family, layer structure,
    hidden size, vocabulary and top-k must match, the tokenizer files must be identical, and
@@ -31,8 +31,9 @@
    `distillation.json` with the provenance. It appears atomically.
 
 On the embedded default (15M parameters) on 2 CPU cores: a few thousand parent translations
-take a minute or two, and 2-4 minutes of training recover most of the loss at 50% (see
-docs/results.md). For a 20-30B parent (Qwen3-30B-A3B, GPT-OSS-20B) on one GPU a user would
+take a minute or two. With 3 minutes of training (docs/results.md, en->de,fr,es), distillation
+recovered -8% of the chrF++ lost at 50% dropped (38.3 -> 38.1; generation errors 6% -> 3%),
+56% at 75% and 63% at 87.5%. For a 20-30B parent (Qwen3-30B-A3B, GPT-OSS-20B) on one GPU a user would
 set: `--device cuda --dtype bfloat16` (float32 does not fit), `--sentences` so that about
 10k sentences are translated in total (the paper's figure), `--gen-batch-size 64` or more,
 `--lr 1e-5` (a full fine-tune of a large model wants a far smaller rate than our 3e-4),

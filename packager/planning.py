@@ -1,5 +1,5 @@
 """From routing statistics to a plan: rank experts inside each layer, decide how many each
-layer keeps, and compare masks (METHOD.md step 2).
+layer keeps, and compare masks (step 2 of the pipeline).
 
 Scores per layer (higher = kept first; ties go to the lower expert index):
 - `routing-mass`: mean over sequences of the per-sequence mean renormalised routing weight
@@ -16,7 +16,7 @@ Budget: every layer of the uniform plan keeps round_half_up(n_experts x (1 - dro
 and every allocation keeps exactly n_moe_layers times that many, so uniform and dynamic plans
 at the same drop ratio keep the same number of experts. The effective ratio is recorded.
 
-Dynamic allocation (DESIGN.md "Method details"): with budget B over L layers each layer keeps
+Dynamic allocation: with budget B over L layers each layer keeps
 top-k plus a share of B - L*top_k proportional to its Jensen-Shannon divergence (base 2,
 in [0, 1]), capped at the layer's expert count (a capped layer's excess is shared again among
 the others, in proportion). Shares are computed in exact rational arithmetic on the float JSD

@@ -6,8 +6,8 @@ stream (converters/onnx/decoder.py decides which op reads each tensor):
 - int4: symmetric block-wise codes; MatMuls become com.microsoft MatMulNBits, the embedding
   GatherBlockQuantized, experts QMoE 4-bit.
 
-Routers stay fp32 (DESIGN.md: the same fingerprint identifies every export, and a quantized
-router would change which experts run).
+Routers stay fp32: the model fingerprint includes the router weights, so every export keeps
+the parent's fingerprint, and a quantized router could change which experts run.
 """
 from __future__ import annotations
 
