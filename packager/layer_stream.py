@@ -396,7 +396,7 @@ def build_tensor(files: ShardFiles, source: TensorSource, like, dtype, rows: tup
     elif source.kind == "dequant":
         out = _dequantized(files, source, shape, dtype, rows)
     elif source.kind == "mxfp4":
-        from converters.gguf.mxfp4 import dequantize_mxfp4
+        from packager.mxfp4 import dequantize_mxfp4
 
         blocks_name, scales_name = source.names[0]
         blocks, scales = files.read(blocks_name, rows), files.read(scales_name, rows)

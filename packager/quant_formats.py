@@ -4,7 +4,7 @@ how to check them, and how to dequantise them exactly (numpy, no transformers qu
 A checkpoint's `quantization_config.quant_method` selects one `QuantScheme`:
 
     none / mxfp4        no per-linear companions (GPT-OSS MXFP4 experts are fused tensors that
-                        packager/arch and converters/gguf/mxfp4.py describe)
+                        packager/arch and packager/mxfp4.py describe)
     fp8                 `W.weight` F8_E4M3 [out, in] + `W.weight_scale_inv` F32 (or UE8M0) per
                         block of `weight_block_size` (a ceil grid: the last block may be partial,
                         as in DeepSeek-V3) or one per tensor; dequantised = fp8 value x scale

@@ -1,5 +1,7 @@
-"""The device runtime stands alone: `runtime/` imports nothing of the build side, and the base
-install (pyproject `dependencies`) is exactly what `runtime/` imports."""
+"""The layering (README, Architecture): `runtime` <- the build core <- the stages <- `packager.build`,
+experiments and the CLIs; nothing points up. The device runtime stands alone: `runtime/` imports
+nothing of the build side, and the base install (pyproject `dependencies`) is exactly what
+`runtime/` imports. Imports inside functions count too."""
 from __future__ import annotations
 
 import ast
@@ -12,6 +14,64 @@ REPO = Path(__file__).resolve().parents[1]
 # distribution name -> the module it installs, for the base dependencies
 MODULE_OF = {"llama-cpp-python": "llama_cpp", "jinja2": "jinja2"}
 OPTIONAL = {"psutil"}  # imported only inside `try: ... except ImportError` (runtime/memory.py off Linux)
+
+
+# the build side's core: arch facts, checkpoint I/O and its formats, plan/stats files, fingerprint,
+# provenance; it imports only itself and runtime
+CORE = {"packager", "packager.arch", "packager.arch.routing", "packager.arch.spec", "packager.checkpoint",
+        "packager.code_version", "packager.errors", "packager.fingerprint", "packager.layer_stream", "packager.mxfp4",
+        "packager.plan_file", "packager.provenance", "packager.pruned_model", "packager.quant_formats",
+        "packager.stats"}
+# what drives the stages; nothing below imports it
+TOP = {"packager.build", "packager.experiments", "packager.experiment_cells", "packager.cli", "packager.commands",
+       "converters.gguf.cli", "converters.onnx.cli"}
+LAYERS = ("runtime", "core", "stage", "top")  # every other module of packager/ and converters/ is a stage
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _layer(module: str) -> str:
+    if module.split(".")[0] == "runtime":
+        return "runtime"
+    if module in CORE:
+        return "core"
+    if any(module == top or module.startswith(top + ".") for top in TOP):
+        return "top"
+    return "stage"
+
+
+def _project_imports(path: Path, modules: set[str]) -> set[str]:
+    """The project modules `path` imports (the longest known prefix of each imported name)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    found = set()
+    for name in names:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        if name:
+            found.add(name)
+    return found
+
+
+def test_nothing_points_up():
+    files = {_module_name(path): path for package in ("runtime", "packager", "converters")
+             for path in (REPO / package).rglob("*.py")}
+    modules = set(files)
+    assert CORE <= modules and all(top in modules for top in TOP)
+    upward = sorted(f"{module} ({_layer(module)}) imports {target} ({_layer(target)})"
+                    for module, path in files.items() for target in _project_imports(path, modules) - {module}
+                    if LAYERS.index(_layer(target)) > LAYERS.index(_layer(module)))
+    assert upward == []
+    for package in ("runtime", "packager", "converters"):
+        assert not _imported_roots(REPO / package) & {"models", "bench", "tests"}
 
 
 def _imported_roots(package: Path) -> set[str]:

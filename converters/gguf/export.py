@@ -29,13 +29,13 @@ from converters.gguf.families import (
     HEAD_DIM, KEY_FAMILY, KEY_FINGERPRINT, KEY_MOE_LAYERS, KEY_PARENT_FINGERPRINT, KEY_PLAN, KEY_SOURCE, KEY_VERSION,
     N_EXPERTS, ROPE_FACTOR, ROPE_ORIGINAL_CONTEXT, ROPE_THETA, ROPE_TYPE, TOP_K, FusedPart, GGUFFamily, gguf_family,
 )
-from converters.gguf.mxfp4 import dequantize_mxfp4
 from converters.gguf.vocab import GGUFVocab, read_vocab
 from packager import __version__
 from packager.arch import PER_LAYER_COUNTS_KEY, MoEArch, load_arch
 from packager.checkpoint import CheckpointReader
 from packager.errors import CheckpointError, OutputExistsError
 from packager.fingerprint import bytes_to_float32, file_sha256, model_fingerprint
+from packager.mxfp4 import dequantize_mxfp4
 from packager.prune import read_provenance
 from packager.quant_formats import logical_shape, logical_tensors, physical_names, read_float32
 from packager.provenance import created_unix, versions
