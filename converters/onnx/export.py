@@ -330,7 +330,8 @@ def export_onnx(
             memory = proc_status()
             quantization = _quantization_record(quant, dtype, builder.record)
             quantization["bytes"] = {name: (staging / name).stat().st_size for name in model_files}
-            routing = ("standard ONNX ops (TopK/Softmax/ScatterElements)" if formulation != "contrib"
+            scores = "Sigmoid, group-limited TopK" if arch.routing_kind == "sigmoid_group" else "Softmax/TopK"
+            routing = (f"standard ONNX ops ({scores}, ScatterElements)" if formulation != "contrib"
                        else CONTRIB_ROUTING_NOTE.get(arch.routing_kind, arch.routing_kind))
             export_config = ExportConfig(
                 format="onnx",
