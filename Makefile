@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup test demo data-eval data-full data-v1 train-default eval-default bench bench-prune experiments clean
+.PHONY: setup test demo data-eval data-full data-v1 train-default eval-default bench bench-prune device-check experiments clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,13 @@ bench: $(STAMP)
 
 bench-prune: $(STAMP)
 	$(PY) -m bench.prune_bench
+
+# aarch64 (issue 19): apt-installs qemu-user-static and g++-aarch64-linux-gnu if missing, cross-builds
+# the pinned llama.cpp's llama-simple (and a native x86 one), compares greedy en->de output at F32 and
+# Q8_0 under qemu-aarch64-static with x86, and the ONNX export in an arm64 Python under qemu (needs root
+# for unshare). Writes bench/results/device_check.json. Minutes (two llama.cpp builds); not in `make test`.
+device-check: $(STAMP)
+	$(PY) -m bench.device_check
 
 experiments: $(STAMP) data-eval
 	$(PY) -m packager.experiments --out runs/experiments
