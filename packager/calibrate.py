@@ -26,14 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
-import random
-import string
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -284,7 +281,7 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu") -> 
     import torch
     import transformers
 
-    from packager.layer_stream import torch_dtype
+    from packager.execution import torch_dtype
     from packager.pruned_model import load_pruned
 
     loaded = load_tokenizer(model_dir, dtype)
@@ -425,7 +422,7 @@ def capture_streamed(streamed, loaded: LoadedModel, recorder: RoutingRecorder,
     if budget is None:
         import psutil
 
-        from packager.layer_stream import RAM_RESERVE_BYTES
+        from packager.execution import RAM_RESERVE_BYTES
 
         # what is left once the running weights (one expert group or a layer's other tensors) and a reserve are set aside
         budget = max(0, psutil.virtual_memory().available - streamed.resident_weight_bytes() - RAM_RESERVE_BYTES)
@@ -514,10 +511,11 @@ def calibrate(model_dir: str | Path, data: Sequence[str | Path], settings: Calib
     """Routing statistics of `model_dir` on `data` for `settings.pairs` (see module docstring).
 
     The model runs whole in memory or streamed layer by layer from the checkpoint
-    (packager.layer_stream.choose_execution; `settings.execution` forces either). Both give
+    (packager.execution.choose_execution; `settings.execution` forces either). Both give
     the same statistics; the choice is recorded in the provenance."""
     from packager.fingerprint import file_sha256
-    from packager.layer_stream import Execution, StreamedModel, choose_execution
+    from packager.execution import Execution, choose_execution
+    from packager.layer_stream import StreamedModel
 
     if not settings.pairs:
         raise CalibrationError("--pairs: give at least one direction, e.g. en-de,de-en")

@@ -55,7 +55,7 @@ class CalibrationSettings:
     dtype: str = "float32"
     # transformers backend only (packager.calibrate, packager.layer_stream):
     device: str = "auto"                   # cpu | cuda | cuda:N | auto
-    execution: str = "auto"                # whole | streamed | auto (packager.layer_stream.choose_execution)
+    execution: str = "auto"                # whole | streamed | auto (packager.execution.choose_execution)
     max_activation_mb: int | None = None   # streamed: hidden states above this spill to disk (None = auto)
     spill_dir: str | None = None           # streamed: where the spill file goes (None = system temp dir)
     expert_group_bytes: int | None = None  # streamed: experts are loaded in groups of about this size (None = 256 MiB)

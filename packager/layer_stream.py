@@ -1,27 +1,21 @@
 """Layer-streamed execution of a safetensors parent: run a model that does not fit in memory.
 
-The model is built as a skeleton whose parameters live on the meta device (no memory), with
-its real buffers (rotary frequencies). Execution then goes layer by layer over all sequences:
+Execution goes layer by layer over all sequences (packager.stream_weights builds the meta
+skeleton and reads the tensors; packager.execution decides whether to stream at all):
 
-1. the embedding (and final norm) are read from the checkpoint; a pass through the decoder
-   with every layer replaced by a recorder gives each batch's embedded hidden states and the
-   exact arguments the model hands its layers (masks, positions, rotary tables, per layer, so
+1. the embedding rows of the tokens in use are read; a pass through the decoder with every
+   layer replaced by a recorder gives each batch's embedded hidden states and the exact
+   arguments the model hands its layers (masks, positions, rotary tables, per layer, so
    sliding-window layers get theirs);
-2. for each decoder layer: its tensors are read from the shards into ordinary memory (pread,
-   no memory map, so resident memory is one layer), converted to the in-memory layout
-   transformers uses (per-expert keys stacked, MXFP4 dequantised, renamed routers), the
-   layer runs over every batch, and its tensors go back to the meta device. While a layer
-   computes, the kernel is already reading the next layer's byte ranges (posix_fadvise
+2. each decoder layer runs in two passes (StreamedModel): the layer without its routed experts,
+   then the routed experts read in groups, each computing only the rows routed to it. While a
+   layer computes, the kernel is already reading the next layer's byte ranges (posix_fadvise
    WILLNEED), so the disk works while the CPU does;
 3. hidden states stay in memory while they fit a budget and otherwise live in a spill file.
 
 The LM head is never loaded: teacher-forced routing capture needs only the decoder.
 Forward hooks on the skeleton's modules (packager.calibrate.RoutingRecorder) see the
-materialised layers exactly as in a whole model: the modules are the same objects.
-
-Which tensors a layer needs comes from the skeleton's own state dict (parameters and
-persistent buffers); where each one lives on disk comes from packager.arch (router names,
-expert layouts). A tensor found nowhere is an error naming it, before any layer runs."""
+materialised layers exactly as in a whole model: the modules are the same objects."""
 from __future__ import annotations
 
 import logging
@@ -34,456 +28,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from packager.errors import CheckpointError, PackagerError
+from packager.errors import CheckpointError
+from packager.execution import StreamingError, numel, torch_dtype, torch_dtype_size
+from packager.stream_weights import (
+    ShardFiles, TensorSource, _init_dtype_codes, _module_path, _set_tensor, _to_meta, _to_meta_outer,
+    build_skeleton, build_tensor, decoder_layers, layer_sources,
+)
 
 logger = logging.getLogger(__name__)
-
-TORCH_DTYPES = ("float32", "bfloat16", "float16")
-# whole-model calibration measured at 1.8x the weights (transformers' loading copies); keep a margin
-WHOLE_MODEL_FACTOR = 2.0
-RAM_RESERVE_BYTES = 1024**3
-
-
-class StreamingError(PackagerError):
-    """Streamed execution cannot proceed (spill space, device, missing layer tensors)."""
-
-
-def torch_dtype(name: str):
-    import torch
-
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in table:
-        raise StreamingError(f"--dtype {name!r}: use one of {', '.join(TORCH_DTYPES)}")
-    return table[name]
-
-
-def _safetensors_torch_dtype(code: str):
-    import torch
-
-    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-             "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-    if code not in table:
-        raise CheckpointError(f"safetensors dtype {code!r} cannot be read for streamed execution")
-    return table[code]
-
-
-# ---- device and the whole-vs-streamed choice (the one place that knows about devices) -----------
-def resolve_device(name: str) -> str:
-    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'. 'cuda' without a GPU is an error."""
-    import torch
-
-    name = (name or "auto").strip().lower()
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise StreamingError(f"--device {name}: torch sees no CUDA device here; use --device cpu (or auto)")
-        return name
-    raise StreamingError(f"--device {name!r}: use cpu, cuda, cuda:N or auto")
-
-
-def available_memory(device: str) -> int:
-    """Bytes the run may use on `device`: free device memory for CUDA, available RAM for the CPU."""
-    if device.startswith("cuda"):
-        import torch
-
-        free, _total = torch.cuda.mem_get_info(torch.device(device))
-        return int(free)
-    import psutil
-
-    return int(psutil.virtual_memory().available)
-
-
-def weight_bytes(reader, arch, config: dict, dtype: str) -> dict:
-    """Bytes of the weights once converted to `dtype`: total, largest decoder layer, the rest.
-    MXFP4 blocks count two values per byte, their scales none (they are folded into values)."""
-    import torch
-
-    element = torch.empty((), dtype=torch_dtype(dtype)).element_size()
-    packed: dict[str, float] = {}
-    for layer_idx in arch.moe_layers(config):
-        for role, name in arch.fused_expert_names(layer_idx).items():
-            if role in arch.packed_params_per_element:
-                packed[name] = arch.packed_params_per_element[role]
-    from packager.quant_formats import logical_shape, logical_tensors
-
-    prefix = layer_prefix_template(reader.config)
-    per_layer: dict[int, int] = {}
-    other = 0
-    for name in logical_tensors(reader):  # a quantized linear counts its dequantised values
-        nbytes = int(_numel(logical_shape(reader, name)) * packed.get(name, 1.0) * element)
-        layer_idx = _layer_of(name, prefix)
-        if layer_idx is None:
-            other += nbytes
-        else:
-            per_layer[layer_idx] = per_layer.get(layer_idx, 0) + nbytes
-    largest = max(per_layer.values(), default=0)
-    return {"total": other + sum(per_layer.values()), "largest_layer": largest, "other": other}
-
-
-def layer_prefix_template(config: dict) -> str:
-    """The checkpoint prefix of decoder layers (all supported families: model.layers.N.)."""
-    return "model.layers."
-
-
-def _layer_of(name: str, prefix: str) -> int | None:
-    if not name.startswith(prefix):
-        return None
-    head = name[len(prefix):].split(".", 1)[0]
-    return int(head) if head.isdigit() else None
-
-
-@dataclass(frozen=True)
-class Execution:
-    """How a model is run: whole in memory or streamed layer by layer, and where."""
-
-    mode: str               # "whole" | "streamed"
-    device: str
-    reason: str
-    weight_bytes: int        # at the compute dtype
-    largest_layer_bytes: int
-    available_bytes: int
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def choose_execution(model_dir: Path, dtype: str, device: str = "auto", forced: str = "auto") -> Execution:
-    """Whole-model execution when the model fits the device with room to spare, else streamed.
-    `forced` ('whole' / 'streamed') overrides the choice; the reason says which happened."""
-    from packager.arch import load_arch
-    from packager.checkpoint import CheckpointReader
-
-    if forced not in ("auto", "whole", "streamed"):
-        raise StreamingError(f"--execution {forced!r}: use auto, whole or streamed")
-    device = resolve_device(device)
-    with CheckpointReader(model_dir) as reader:
-        config = dict(reader.config)
-        arch = load_arch(config)
-        sizes = weight_bytes(reader, arch, config, dtype)
-        quant = reader.quant
-    available = available_memory(device)
-    need = int(sizes["total"] * WHOLE_MODEL_FACTOR) + RAM_RESERVE_BYTES
-    gib = 1024**3
-    if quant.dequantized_here:
-        # transformers' loaders for these formats need accelerate and GPU kernels; the streamed
-        # path dequantises each linear itself (packager.quant_formats)
-        if forced == "whole":
-            raise StreamingError(f"--execution whole: {model_dir} is a {quant.label} checkpoint, which runs streamed "
-                                 "(dequantised layer by layer by the packager); use --execution auto or streamed")
-        mode, reason = "streamed", f"{quant.label} parent: streamed, dequantised on the fly"
-    elif forced != "auto":
-        mode, reason = forced, f"--execution {forced}"
-    elif need <= available:
-        mode = "whole"
-        reason = f"weights {sizes['total'] / gib:.2f} GiB at {dtype} fit {device} ({available / gib:.1f} GiB available)"
-    else:
-        mode = "streamed"
-        reason = (f"weights {sizes['total'] / gib:.2f} GiB at {dtype} need about {need / gib:.1f} GiB whole, "
-                  f"{device} has {available / gib:.1f} GiB available: streaming one layer "
-                  f"({sizes['largest_layer'] / gib:.2f} GiB) at a time")
-    logger.info("execution: %s on %s (%s)", mode, device, reason)
-    return Execution(mode, device, reason, sizes["total"], sizes["largest_layer"], available)
-
-
-# ---- the skeleton -------------------------------------------------------------------------------------
-class _ParametersOnMeta:
-    """Context in which nn.Module parameters are created on the meta device while buffers
-    (rotary inverse frequencies and the like, computed in __init__) stay real."""
-
-    def __enter__(self):
-        import torch
-
-        self._original = torch.nn.Module.register_parameter
-
-        def register_parameter(module, name, param):
-            self._original(module, name, param)
-            if param is not None and param.device.type != "meta":
-                kind = type(module._parameters[name])
-                module._parameters[name] = kind(module._parameters[name].to("meta"), requires_grad=False)
-
-        torch.nn.Module.register_parameter = register_parameter
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        torch.nn.Module.register_parameter = self._original
-        return False
-
-
-def build_skeleton(model_dir: Path, dtype: str):
-    """The transformers model of `model_dir` with every parameter on the meta device."""
-    import torch
-    import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    transformers.utils.logging.disable_progress_bar()
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
-    if getattr(config, "quantization_config", None):
-        config.quantization_config = None  # quantized weights (MXFP4, FP8, GPTQ, ...) are dequantised by the streamed loader
-        if hasattr(config, "_pre_quantization_dtype"):
-            del config._pre_quantization_dtype
-    with _ParametersOnMeta(), torch.device("cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype), trust_remote_code=False)
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
-def decoder_layers(model):
-    """The decoder layer list of a causal LM (every supported family: base_model.layers)."""
-    layers = getattr(model.base_model, "layers", None)
-    if layers is None:
-        raise StreamingError(f"{type(model).__name__}: no decoder layer list (base_model.layers) to stream")
-    return layers
-
-
-# ---- where each in-memory tensor lives on disk -----------------------------------------------------
-@dataclass(frozen=True)
-class TensorSource:
-    """How to build one in-memory tensor: a direct read, stacked per-expert reads, or MXFP4."""
-
-    kind: str                      # "direct" | "stack" | "mxfp4" | "dequant"
-    names: tuple[tuple[str, ...], ...]  # direct: ((name,),); stack: per expert (part, ...); mxfp4: ((blocks, scales),)
-    # dequant: like direct or stack (per expert (part, ...)), but the names are logical weights of
-    # quantized linears (packager.quant_formats), dequantised on read; `physical` lists their files' tensors
-    physical: tuple[str, ...] = ()
-
-    def disk_names(self) -> list[str]:
-        return list(self.physical) or [name for group in self.names for name in group]
-
-
-def layer_sources(arch, config: dict, layer_idx: int, targets: Sequence[str], present,
-                  quantized: dict | None = None) -> dict[str, TensorSource]:
-    """Disk sources of the in-memory tensors `targets` (full names) of decoder layer `layer_idx`.
-    `present` holds the checkpoint's logical tensor names; `quantized` maps the logical weight of
-    each quantized linear to its on-disk parts (packager.quant_formats.logical_tensors).
-
-    Raises CheckpointError naming every tensor that has no source."""
-    sources: dict[str, TensorSource] = {}
-    renamed: dict[str, str] = {}
-    quantized = quantized or {}
-    if layer_idx in arch.moe_layers(config):
-        arch.layer_expert_tensors(layer_idx, arch.n_experts(config, layer_idx), present)  # refuses unknown expert tensors
-        router = arch.router_module(layer_idx)
-        for disk_name in arch.router_tensor_names(layer_idx):
-            renamed[f"{router}.{disk_name.rsplit('.', 1)[1]}"] = disk_name
-        experts = arch.experts_module(layer_idx)
-        n_experts = arch.n_experts(config, layer_idx)
-        layout = arch.detect_layout(layer_idx, n_experts, present)
-        fused = arch.fused_expert_names(layer_idx)
-        if layout == "per_expert":
-            per_expert = [arch.expert_tensor_names(layer_idx, e) for e in range(n_experts)]
-            for target, roles in ((f"{experts}.gate_up_proj", ("gate", "up")), (f"{experts}.down_proj", ("down",))):
-                names = tuple(tuple(n[role] for role in roles) for n in per_expert)
-                parts = tuple(p for group in names for name in group for p in quantized.get(name, ()))
-                sources[target] = TensorSource("dequant" if parts else "stack", names, parts)
-        elif layout == "mxfp4":
-            for proj in ("gate_up", "down"):
-                sources[fused[proj]] = TensorSource("mxfp4", ((fused[f"{proj}_blocks"], fused[f"{proj}_scales"]),))
-    missing = []
-    for target in targets:
-        if target in sources:
-            continue
-        disk_name = target if target in present else renamed.get(target)
-        if disk_name is None or disk_name not in present:
-            missing.append(target)
-            continue
-        if disk_name in quantized:
-            sources[target] = TensorSource("dequant", ((disk_name,),), tuple(quantized[disk_name]))
-        else:
-            sources[target] = TensorSource("direct", ((disk_name,),))
-    if missing:
-        shown = ", ".join(repr(n) for n in missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
-        raise CheckpointError(f"layer {layer_idx}: tensor(s) {shown} missing from the checkpoint's shards")
-    return {t: sources[t] for t in targets}
-
-
-# ---- reading tensors without a memory map -----------------------------------------------------------
-class ShardFiles:
-    """Open shard files; reads tensors with pread into ordinary memory and asks the kernel to
-    read ahead byte ranges that will be needed next."""
-
-    def __init__(self, reader):
-        self.reader = reader
-        self._fds: dict[Path, int] = {}
-        self.bytes_read = 0
-
-    def _fd(self, path: Path) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
-        return fd
-
-    def read(self, name: str, rows: tuple[int, int] | None = None, out=None):
-        """One tensor (or rows [start, stop) along dim 0), in its stored dtype, in anonymous memory.
-        With `out` (contiguous, same dtype and size) the bytes land there without a copy."""
-        import numpy as np
-        import torch
-
-        info = self.reader.info(name)
-        dtype = _safetensors_torch_dtype(info.dtype)
-        shape, offset, nbytes = list(info.shape), info.offset, info.nbytes
-        if rows is not None:
-            start, stop = rows
-            row_bytes = info.nbytes // info.shape[0]
-            shape[0], offset, nbytes = stop - start, info.offset + start * row_bytes, (stop - start) * row_bytes
-        if out is not None and out.dtype == dtype and out.is_contiguous() and out.numel() * out.element_size() == nbytes:
-            view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
-            result = out
-        else:
-            buffer = np.empty(nbytes, dtype=np.uint8)
-            view = memoryview(buffer)
-            result = torch.from_numpy(buffer).view(dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype)
-        fd, done = self._fd(info.path), 0
-        while done < nbytes:
-            n = os.preadv(fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise CheckpointError(f"{info.path}: unexpected end of file reading {name!r}; re-copy the checkpoint")
-            done += n
-        self.bytes_read += nbytes
-        if result is out and out is not None:
-            return out
-        if out is not None:
-            out.copy_(result.reshape(out.shape))
-            return out
-        return result
-
-    def prefetch(self, names: Sequence[str]) -> None:
-        if not hasattr(os, "posix_fadvise"):
-            return
-        for name in names:
-            info = self.reader.info(name)
-            try:
-                os.posix_fadvise(self._fd(info.path), info.offset, info.nbytes, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                return
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-
-def build_tensor(files: ShardFiles, source: TensorSource, like, dtype, rows: tuple[int, int] | None = None):
-    """The in-memory tensor `like` (a meta tensor: shape and kind) built from its disk source;
-    with `rows`, only experts [start, stop) of an expert tensor (dim 0)."""
-    import torch
-
-    shape = list(like.shape)
-    if rows is not None:
-        shape[0] = rows[1] - rows[0]
-    if source.kind == "direct":
-        if not like.is_floating_point() or files.reader.info(source.names[0][0]).dtype == _DTYPE_CODES.get(dtype):
-            out = files.read(source.names[0][0], rows)
-        else:
-            out = files.read(source.names[0][0], rows).to(dtype)
-    elif source.kind == "stack":
-        out = torch.empty(shape, dtype=dtype)
-        experts = source.names if rows is None else source.names[rows[0]:rows[1]]
-        for slot, parts in enumerate(experts):
-            row = 0
-            for name in parts:
-                n_rows = files.reader.info(name).shape[0]
-                files.read(name, out=out[slot, row:row + n_rows])  # straight into the stacked tensor
-                row += n_rows
-            if row != shape[1]:
-                raise CheckpointError(f"{parts[0]!r}: expert rows {row} do not match the model's {shape[1]}")
-    elif source.kind == "dequant":
-        out = _dequantized(files, source, shape, dtype, rows)
-    elif source.kind == "mxfp4":
-        from packager.mxfp4 import dequantize_mxfp4
-
-        blocks_name, scales_name = source.names[0]
-        blocks, scales = files.read(blocks_name, rows), files.read(scales_name, rows)
-        out = torch.empty(shape, dtype=dtype)
-        for slot in range(blocks.shape[0]):  # one expert at a time bounds the float32 copy
-            values = dequantize_mxfp4(blocks[slot].numpy(), scales[slot].numpy())
-            out[slot].copy_(torch.from_numpy(values).transpose(0, 1))
-    else:
-        raise ValueError(f"unknown tensor source kind {source.kind!r}")
-    if list(out.shape) != shape:
-        raise CheckpointError(
-            f"{source.disk_names()[0]!r}: shape {list(out.shape)} does not match the model's {shape} "
-            "(config.json and weights disagree)"
-        )
-    return out
-
-
-def _dequantized(files: ShardFiles, source: TensorSource, shape: list[int], dtype, rows):
-    """A tensor whose parts are quantized linears, dequantised one linear at a time (float32
-    exact, then the compute dtype): a single weight, or experts stacked like "stack"."""
-    import torch
-
-    from packager.quant_formats import logical_tensors
-
-    linears = logical_tensors(files.reader)
-
-    def read(name):
-        return files.read(name).reshape(-1).view(torch.uint8).numpy()
-
-    def value(name):
-        linear = linears.get(name)
-        if linear is None:
-            return files.read(name).to(dtype)
-        return torch.from_numpy(linear.dequantize(read)).to(dtype)
-
-    if len(source.names) == 1 and len(source.names[0]) == 1 and rows is None and len(shape) == 2:
-        return value(source.names[0][0])
-    out = torch.empty(shape, dtype=dtype)
-    experts = source.names if rows is None else source.names[rows[0]:rows[1]]
-    for slot, parts in enumerate(experts):
-        row = 0
-        for name in parts:
-            part = value(name)
-            out[slot, row:row + part.shape[0]] = part
-            row += part.shape[0]
-        if row != shape[1]:
-            raise CheckpointError(f"{parts[0]!r}: expert rows {row} do not match the model's {shape[1]}")
-    return out
-
-
-_DTYPE_CODES: dict = {}
-
-
-def _init_dtype_codes() -> None:
-    import torch
-
-    _DTYPE_CODES.update({torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"})
-
-
-def _set_tensor(module, path: str, value) -> None:
-    """Replace parameter or buffer `path` (relative to module) by `value`."""
-    import torch
-
-    owner_name, _, attr = path.rpartition(".")
-    owner = module.get_submodule(owner_name) if owner_name else module
-    if attr in owner._parameters:
-        owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
-    elif attr in owner._buffers:
-        owner._buffers[attr] = value
-    else:
-        raise KeyError(path)
-
-
-def _to_meta(module) -> None:
-    """Free a materialised module: every parameter and buffer back to the meta device."""
-    import torch
-
-    for sub in module.modules():
-        for name, param in list(sub._parameters.items()):
-            if param is not None and param.device.type != "meta":
-                sub._parameters[name] = torch.nn.Parameter(param.detach().to("meta"), requires_grad=False)
-        persistent = set(sub._buffers) - set(getattr(sub, "_non_persistent_buffers_set", set()))
-        for name in persistent:
-            buf = sub._buffers[name]
-            if buf is not None and buf.device.type != "meta":
-                sub._buffers[name] = buf.to("meta")
-
 
 # ---- hidden states: memory or spill file ------------------------------------------------------------
 class HiddenStore:
@@ -496,7 +48,7 @@ class HiddenStore:
         self.shapes = list(shapes)
         self.dtype = dtype
         element = torch.empty((), dtype=dtype).element_size()
-        self.sizes = [element * _numel(shape) for shape in self.shapes]
+        self.sizes = [element * numel(shape) for shape in self.shapes]
         self.total_bytes = sum(self.sizes)
         self.spilled = budget_bytes is not None and self.total_bytes > budget_bytes
         self._memory: list = [None] * len(self.shapes)
@@ -556,18 +108,10 @@ class HiddenStore:
             self._dir = None
 
 
-def _numel(shape) -> int:
-    n = 1
-    for dim in shape:
-        n *= dim
-    return n
-
-
 def _integer_view(dtype):
     import torch
 
     return {2: torch.int16, 4: torch.int32, 8: torch.int64}[torch.empty((), dtype=dtype).element_size()]
-
 
 # ---- the layer-input recorder ---------------------------------------------------------------------
 class _LayerInputs:
@@ -723,7 +267,7 @@ class StreamedModel:
     def _expert_groups(self, layer_idx: int, experts: dict, meta: dict) -> list[tuple[int, int]]:
         n_experts = self.arch.n_experts(self.config, layer_idx)
         element = torch_dtype_size(self.dtype)
-        per_expert = sum(_numel(meta[t].shape) // n_experts for t in experts) * element
+        per_expert = sum(numel(meta[t].shape) // n_experts for t in experts) * element
         size = max(1, min(n_experts, self.expert_group_bytes // max(1, per_expert)))
         return [(start, min(start + size, n_experts)) for start in range(0, n_experts, size)]
 
@@ -732,10 +276,10 @@ class StreamedModel:
         meta.update(dict(self.model.named_buffers()))
         total = 0
         for target in sources:
-            numel = _numel(meta[target].shape)
+            count = numel(meta[target].shape)
             if rows is not None:
-                numel = numel // meta[target].shape[0] * (rows[1] - rows[0])
-            total += numel * torch_dtype_size(self.dtype)
+                count = count // meta[target].shape[0] * (rows[1] - rows[0])
+            total += count * torch_dtype_size(self.dtype)
         return total
 
     def resident_weight_bytes(self) -> int:
@@ -827,8 +371,8 @@ class StreamedModel:
                 report.tokens += int(mask.sum())
             _to_meta_outer(self.model, self._outer)
             table = None
-            flat_shapes = [(_numel(shape[:-1]), shape[-1]) for shape in shapes]
-            hidden_total = sum(_numel(shape) for shape in shapes) * (2 * torch_dtype_size(self.dtype) + 4)
+            flat_shapes = [(numel(shape[:-1]), shape[-1]) for shape in shapes]
+            hidden_total = sum(numel(shape) for shape in shapes) * (2 * torch_dtype_size(self.dtype) + 4)
             spill = hidden_budget_bytes is not None and hidden_total > hidden_budget_bytes
             budget = 0 if spill else None
             hidden = HiddenStore(shapes, self.dtype, budget, spill_dir)
@@ -994,29 +538,3 @@ def torch_nn():
     import torch
 
     return torch.nn
-
-
-def torch_dtype_size(dtype) -> int:
-    import torch
-
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _to_meta_outer(model, sources: dict) -> None:
-    import torch
-
-    for target in sources:
-        owner_name, _, attr = target.rpartition(".")
-        owner = model.get_submodule(owner_name)
-        value = owner._parameters.get(attr)
-        if value is not None:
-            owner._parameters[attr] = torch.nn.Parameter(value.detach().to("meta"), requires_grad=False)
-        elif owner._buffers.get(attr) is not None:
-            owner._buffers[attr] = owner._buffers[attr].to("meta")
-
-
-def _module_path(root, target) -> str:
-    for name, module in root.named_modules():
-        if module is target:
-            return name
-    raise StreamingError(f"module {type(target).__name__} is not part of {type(root).__name__}")

@@ -16,7 +16,8 @@ from tiny_models import build_tiny, write_fused_layout, write_mxfp4_layout
 
 from packager.calibrate import CalibrationError, CalibrationSettings, calibrate, load_model
 from packager.errors import CheckpointError
-from packager.layer_stream import StreamedModel, StreamingError, choose_execution
+from packager.execution import StreamingError, choose_execution
+from packager.layer_stream import StreamedModel
 
 TEMPLATE = "{{ bos_token }}<|{{ source_lang }}|><|{{ target_lang }}|>{{ messages[0]['content'] }}<|sep|>"
 SENTENCES = [("the house is red", "das Haus ist rot"), ("open file", "Datei neu"), ("the red window", "Fenster rot"),
@@ -149,13 +150,13 @@ def test_layer_tensors_missing_from_the_shards_are_named(tmp_path):
 
 
 def test_automatic_choice_follows_free_memory(tmp_path, monkeypatch):
-    import packager.layer_stream as layer_stream
+    import packager.execution as execution
 
     model_dir = _model("olmoe", tmp_path)
-    monkeypatch.setattr(layer_stream, "available_memory", lambda device: 64 * 1024**3)
+    monkeypatch.setattr(execution, "available_memory", lambda device: 64 * 1024**3)
     roomy = choose_execution(model_dir, "float32", "cpu")
     assert roomy.mode == "whole" and "fit cpu" in roomy.reason
-    monkeypatch.setattr(layer_stream, "available_memory", lambda device: 10 * 1024**2)
+    monkeypatch.setattr(execution, "available_memory", lambda device: 10 * 1024**2)
     tight = choose_execution(model_dir, "float32", "cpu")
     assert tight.mode == "streamed" and "streaming one layer" in tight.reason
     assert 0 < tight.largest_layer_bytes < tight.weight_bytes
@@ -171,7 +172,7 @@ def test_automatic_choice_follows_free_memory(tmp_path, monkeypatch):
 def test_weight_bytes_count_mxfp4_as_dequantised_values(tmp_path):
     from packager.arch import load_arch
     from packager.checkpoint import CheckpointReader
-    from packager.layer_stream import weight_bytes
+    from packager.execution import weight_bytes
 
     plain = build_tiny("gpt_oss", tmp_path / "plain", seed=5)
     packed = write_mxfp4_layout(build_tiny("gpt_oss", tmp_path / "packed", seed=5))

@@ -19,7 +19,8 @@ OPTIONAL = {"psutil"}  # imported only inside `try: ... except ImportError` (run
 # the build side's core: arch facts, checkpoint I/O and its formats, plan/stats files, fingerprint,
 # provenance; it imports only itself and runtime
 CORE = {"packager", "packager.arch", "packager.arch.routing", "packager.arch.spec", "packager.checkpoint",
-        "packager.code_version", "packager.errors", "packager.fingerprint", "packager.layer_stream", "packager.mxfp4",
+        "packager.code_version", "packager.errors", "packager.execution", "packager.fingerprint", "packager.layer_stream",
+        "packager.mxfp4", "packager.stream_weights",
         "packager.plan_file", "packager.provenance", "packager.pruned_model", "packager.quant_formats",
         "packager.stats"}
 # what drives the stages; nothing below imports it

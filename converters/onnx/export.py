@@ -224,7 +224,7 @@ def _check_budget(model_dir: Path) -> tuple[int, int]:
     """(float32 bytes of the weights, the most the transformers comparison may load)."""
     from packager.arch import load_arch
     from packager.checkpoint import CheckpointReader
-    from packager.layer_stream import weight_bytes
+    from packager.execution import weight_bytes
 
     with CheckpointReader(model_dir) as reader:
         config = dict(reader.config)
