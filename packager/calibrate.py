@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 
 # the torch-free pieces shared with the llama.cpp backend (packager.calibrate_gguf), re-exported here
 from packager.calibration_data import (  # noqa: F401
@@ -40,7 +39,7 @@ from packager.calibration_data import (  # noqa: F401
     parse_pair_list, read_examples,
 )
 from packager.errors import PackagerError
-from packager.stats import MODE_SPAN, PROMPT, SEQUENCE, SOURCE, RoutingStats, empty_stats
+from packager.stats import MODE_SPAN, SEQUENCE, RoutingStats, empty_stats
 from packager.provenance import versions
 
 logger = logging.getLogger(__name__)
@@ -200,21 +199,12 @@ class RoutingRecorder:
             self.reap_tokens[pos].view(-1).index_add_(0, flat, torch.ones_like(terms))
 
     def to_stats(self, stats: RoutingStats, pair_slugs: Sequence[str], output_span: str) -> None:
-        names = {PROMPT: PROMPT, SOURCE: SOURCE, "output": output_span, SEQUENCE: SEQUENCE}
-        n_layers = len(self.layers)
-        for pair_pos, slug in enumerate(pair_slugs):
-            for slot, slot_name in enumerate(SLOTS):
-                key = pair_pos * len(SLOTS) + slot
-                if self.sequences[key] == 0:
-                    continue
-                span = names[slot_name]
-                stats.add("mass", slug, span, self.mass[:, key].numpy())
-                stats.add("selected", slug, span, self.selected[:, key].numpy())
-                stats.add("tokens", slug, span, np.full((n_layers, self.n_experts), float(self.tokens[key])))
-                stats.add("sequences", slug, span, np.full((n_layers, self.n_experts), float(self.sequences[key])))
-                if self.reap_sum is not None:
-                    stats.add("reap", slug, span, self.reap_sum[:, key].numpy())
-                    stats.add("reap_tokens", slug, span, self.reap_tokens[:, key].numpy())
+        from packager.calibration_data import add_span_stats
+
+        reap = None if self.reap_sum is None else self.reap_sum.numpy()
+        add_span_stats(stats, pair_slugs, output_span, mass=self.mass.numpy(), selected=self.selected.numpy(),
+                       tokens=self.tokens.numpy(), sequences=self.sequences.numpy(), reap=reap,
+                       reap_tokens=None if reap is None else self.reap_tokens.numpy())
 
 
 # ---- model -----------------------------------------------------------------------------------------

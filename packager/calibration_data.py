@@ -381,21 +381,30 @@ class SpanAccumulator:
                 self.sequences[key] += 1
 
     def to_stats(self, stats: RoutingStats, pair_slugs: Sequence[str], output_span: str) -> None:
-        names = {PROMPT: PROMPT, SOURCE: SOURCE, "output": output_span, SEQUENCE: SEQUENCE}
-        shape = (self.n_layers, self.n_experts)
-        for pair_pos, slug in enumerate(pair_slugs):
-            for slot, slot_name in enumerate(SLOTS):
-                key = pair_pos * len(SLOTS) + slot
-                if self.sequences[key] == 0:
-                    continue
-                span = names[slot_name]
-                stats.add(MASS, slug, span, self.mass[:, key])
-                stats.add(SELECTED, slug, span, self.selected[:, key])
-                stats.add(TOKENS, slug, span, np.full(shape, float(self.tokens[key])))
-                stats.add(SEQUENCES, slug, span, np.full(shape, float(self.sequences[key])))
-                if self.reap_sum is not None:
-                    stats.add(REAP, slug, span, self.reap_sum[:, key])
-                    stats.add(REAP_TOKENS, slug, span, self.reap_tokens[:, key])
+        add_span_stats(stats, pair_slugs, output_span, mass=self.mass, selected=self.selected, tokens=self.tokens,
+                       sequences=self.sequences, reap=self.reap_sum, reap_tokens=self.reap_tokens)
+
+
+def add_span_stats(stats: RoutingStats, pair_slugs: Sequence[str], output_span: str, *, mass, selected, tokens,
+                   sequences, reap=None, reap_tokens=None) -> None:
+    """Write accumulated sums into `stats`, one tensor per signal, direction and span.
+    mass / selected / reap / reap_tokens: [n_layers, n_keys(+1), n_experts]; tokens, sequences:
+    [n_keys(+1)], key = pair position * len(SLOTS) + slot (both calibration backends)."""
+    names = {PROMPT: PROMPT, SOURCE: SOURCE, "output": output_span, SEQUENCE: SEQUENCE}
+    shape = (mass.shape[0], mass.shape[2])
+    for pair_pos, slug in enumerate(pair_slugs):
+        for slot, slot_name in enumerate(SLOTS):
+            key = pair_pos * len(SLOTS) + slot
+            if sequences[key] == 0:
+                continue
+            span = names[slot_name]
+            stats.add(MASS, slug, span, mass[:, key])
+            stats.add(SELECTED, slug, span, selected[:, key])
+            stats.add(TOKENS, slug, span, np.full(shape, float(tokens[key])))
+            stats.add(SEQUENCES, slug, span, np.full(shape, float(sequences[key])))
+            if reap is not None:
+                stats.add(REAP, slug, span, reap[:, key])
+                stats.add(REAP_TOKENS, slug, span, reap_tokens[:, key])
 
 
 # ---- the STATS file of a run -------------------------------------------------------------------------
