@@ -459,18 +459,18 @@ def main(argv: list[str] | None = None) -> int:
             state["monitor_loss"] = dev_loss(model, monitor_examples, pad_id, n)
             line += f" monitor loss {state['monitor_loss']:.3f}"
         if ema is not None:
-            live = {n: p.detach().clone() for n, p in model.named_parameters()}
+            live = {name: p.detach().clone() for name, p in model.named_parameters()}
             with torch.no_grad():
-                for n, p in model.named_parameters():
-                    p.copy_(ema[n])
+                for name, p in model.named_parameters():
+                    p.copy_(ema[name])
             state["ema_dev_loss"] = dev_loss(model, dev_examples, pad_id, n)
             line += f" | ema dev loss {state['ema_dev_loss']:.3f}"
             if monitor_examples:
                 state["ema_monitor_loss"] = dev_loss(model, monitor_examples, pad_id, n)
                 line += f" monitor {state['ema_monitor_loss']:.3f}"
             with torch.no_grad():
-                for n, p in model.named_parameters():
-                    p.copy_(live[n])
+                for name, p in model.named_parameters():
+                    p.copy_(live[name])
         state.setdefault("history", []).append({k: state.get(k) for k in (
             "step", "tokens", "elapsed", "dev_loss", "monitor_loss", "ema_dev_loss", "ema_monitor_loss")})
         save_checkpoint(args.work, model, optimizer, state, ema)
