@@ -45,7 +45,7 @@ def random_model(shape: dict):
 def measure(model, config: dict, batch: int, length: int, repeats: int) -> dict:
     import torch
 
-    from packager.arch import load_arch
+    from packager.core.arch import load_arch
     from packager.calibrate import RoutingRecorder
 
     arch = load_arch(config)

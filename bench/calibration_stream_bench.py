@@ -109,7 +109,7 @@ def measure_layers(work: Path, n_layers: int, sentences: int) -> dict:
         out = work / f"stats-{n_layers}L-{execution}.safetensors"
         print(f"[{n_layers} layers] {execution} calibration", flush=True)
         run = run_measured(calibrate_cmd(model_dir, data, out, execution, sentences))
-        from packager.stats import RoutingStats
+        from packager.core.stats import RoutingStats
 
         prov = RoutingStats.load(out).meta["provenance"][0]
         tokens = sum(prov["tokens"].values())
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from packager import __version__
-    from packager.checkpoint import atomic_write_json
+    from packager.core.checkpoint import atomic_write_json
 
     args.work.mkdir(parents=True, exist_ok=True)
     layer_bytes = 3 * 2 * SHAPES["num_experts"] * SHAPES["moe_intermediate_size"] * SHAPES["hidden_size"]

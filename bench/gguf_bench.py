@@ -83,9 +83,9 @@ def _divergence(reference_file: Path, quant_files: dict[str, Path], sentences) -
 def bench_default(work: Path, quants: tuple[str, ...], n_sentences: int, model: Path = DEFAULT_MODEL) -> dict:
     if not (model / "config.json").is_file():
         return {"skipped": f"{model} does not exist yet (the default model is trained by `make train-default`)"}
-    from packager.arch import load_arch
-    from packager.fingerprint import model_fingerprint
-    from packager.plan_file import Plan
+    from packager.core.arch import load_arch
+    from packager.core.fingerprint import model_fingerprint
+    from packager.core.plan_file import Plan
     from packager.prune import prune_checkpoint
 
     config = json.loads((model / "config.json").read_text())
@@ -147,7 +147,7 @@ def build_synthetic(model_dir: Path, layers: int) -> int:
     import numpy as np
 
     from bench.prune_bench import SHAPES, _config, _tensors
-    from packager.checkpoint import CheckpointWriter
+    from packager.core.checkpoint import CheckpointWriter
 
     marker = model_dir / "BENCH_INPUT.json"
     spec = {"layers": layers, "shapes": SHAPES, "values": "bf16 N(0, 0.02)", "version": 1}

@@ -188,9 +188,9 @@ def _write_bpe(model_dir: Path) -> None:
 
 
 def _prune(model_dir: Path, drop_ratio: float, out_dir: Path) -> dict:
-    from packager.arch import load_arch
-    from packager.fingerprint import model_fingerprint
-    from packager.plan_file import Plan
+    from packager.core.arch import load_arch
+    from packager.core.fingerprint import model_fingerprint
+    from packager.core.plan_file import Plan
     from packager.prune import prune_checkpoint
 
     config = json.loads((model_dir / "config.json").read_text())

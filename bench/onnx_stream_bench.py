@@ -49,8 +49,8 @@ def build_child(work: Path, layers: int) -> tuple[Path, int, int]:
     """(pruned child dir, parent bytes, child bytes)."""
     from bench.gguf_bench import _packager, _write_bpe
     from bench.prune_bench import SHAPES, build_input
-    from packager.fingerprint import model_fingerprint
-    from packager.plan_file import Plan
+    from packager.core.fingerprint import model_fingerprint
+    from packager.core.plan_file import Plan
 
     parent = work / "parent"
     parent_bytes = build_input(parent, layers, values="normal")

@@ -52,7 +52,7 @@ def _tensors(n_layers: int) -> list[tuple[str, list[int]]]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from packager.arch import load_arch
+    from packager.core.arch import load_arch
 
     config = _config(n_layers)
     arch = load_arch(config)
@@ -197,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(REPO))
     from packager import __version__
-    from packager.checkpoint import atomic_write_json
-    from packager.fingerprint import model_fingerprint
-    from packager.plan_file import Plan
+    from packager.core.checkpoint import atomic_write_json
+    from packager.core.fingerprint import model_fingerprint
+    from packager.core.plan_file import Plan
 
     layer_bytes = 3 * _nbytes([SHAPES["num_experts"], SHAPES["moe_intermediate_size"], SHAPES["hidden_size"]])
     input_estimate = args.layers * (layer_bytes + 40 * 1024**2) + 2 * _nbytes([SHAPES["vocab_size"], SHAPES["hidden_size"]])

@@ -74,7 +74,7 @@ def main() -> None:
     from packager.merge import merge_prune
     from packager.planning import PlanSettings, make_plan
     from packager.prune import prune_checkpoint
-    from packager.stats import RoutingStats
+    from packager.core.stats import RoutingStats
     from packager.topk import reduce_top_k
 
     out = args.out

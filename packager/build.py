@@ -6,7 +6,7 @@ once per variant (same format and quantization, for the ratios); then the report
 
 Resumable: each step has a key, the sha256 of its settings, of its inputs' keys (input
 files are hashed once, by content) and of the source files of the code that computes it
-(packager.code_version: the stage's module and every project module it imports). A step whose
+(packager.core.code_version: the stage's module and every project module it imports). A step whose
 record in RUN_DIR/.steps/ carries the same key and whose outputs exist is skipped; anything
 else is (re)done, and so is every step downstream of it. Stop it at any point and run the same
 command again; after a code change, only what that code computes is done again.
@@ -72,7 +72,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from packager import __version__
-from packager.errors import PackagerError
+from packager.core.errors import PackagerError
 from runtime.errors import EdgeError
 
 logger = logging.getLogger(__name__)
@@ -277,7 +277,7 @@ def load_build_config(path: str | os.PathLike) -> BuildConfig:
     if not calibration_data:
         raise _fail(source, "[calibration] data = [...] is required (harvest JSONL, e.g. data/harvest/dev.jsonl)")
     allowed = {"max_sentences", "teacher_forced", "max_new_tokens", "batch_size", "seed", "reap"}
-    # how a Hugging Face parent runs (packager.layer_stream): they change memory and speed, not results
+    # how a Hugging Face parent runs (packager.core.layer_stream): they change memory and speed, not results
     execution_keys = {"dtype", "device", "execution", "expert_group_mb", "max_activation_mb", "spill_dir", "generator"}
     if set(calibration) - allowed - execution_keys:
         raise _fail(source, f"[calibration] unknown key(s) {', '.join(sorted(set(calibration) - allowed - execution_keys))}")
@@ -384,7 +384,7 @@ def _key(obj: Any) -> str:
 def _code(module: str) -> str:
     """Digest of the source files that `module` runs: a step's inputs carry it, so a code change
     redoes the step and, through the keys that chain them, every step downstream."""
-    from packager.code_version import code_digest
+    from packager.core.code_version import code_digest
 
     return code_digest(module)
 
@@ -513,7 +513,7 @@ def _drop_slug(drop: float) -> str:
 def _file_key(path: Path) -> str:
     """Content hash; for files above HASH_LIMIT_BYTES (a huge parent) size and mtime instead,
     so that checking whether a step is up to date does not read tens of gigabytes."""
-    from packager.fingerprint import file_sha256
+    from packager.core.fingerprint import file_sha256
 
     stat = path.stat()
     if stat.st_size > HASH_LIMIT_BYTES:
@@ -764,9 +764,9 @@ def _fit_profiles(profiles: Sequence[str], bundles: Sequence[Path], run_dir: Pat
 
 def _plan_runner(stats_path: Path, plan_path: Path, pack: PackSpec, drop: float, variant: Variant, command):
     def run() -> None:
-        from packager.fingerprint import file_sha256
+        from packager.core.fingerprint import file_sha256
         from packager.planning import PlanSettings, make_plan
-        from packager.stats import RoutingStats
+        from packager.core.stats import RoutingStats
 
         plan_path.parent.mkdir(parents=True, exist_ok=True)
         stats = RoutingStats.load(stats_path)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from packager import __version__
-from packager.errors import OutputExistsError, PackagerError
+from packager.core.errors import OutputExistsError, PackagerError
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """Calibration (step 1 of the pipeline): run the parent in transformers on translation prompts and
-record routing statistics per layer and expert, per direction and span (packager.stats).
+record routing statistics per layer and expert, per direction and span (packager.core.stats).
 
 How a run works:
 1. Data: JSONL records {src_lang, tgt_lang, src, tgt} (the harvest format; each record also
@@ -38,9 +38,9 @@ from packager.calibration_data import (  # noqa: F401
     PROMPT_FIELDS, SLOTS, CalibrationError, CalibrationSettings, Example, PromptBuilder, check_prompt_template,
     parse_pair_list, read_examples,
 )
-from packager.errors import PackagerError
-from packager.stats import MODE_SPAN, SEQUENCE, RoutingStats, empty_stats
-from packager.provenance import versions
+from packager.core.errors import PackagerError
+from packager.core.stats import MODE_SPAN, SEQUENCE, RoutingStats, empty_stats
+from packager.core.provenance import versions
 
 logger = logging.getLogger(__name__)
 
@@ -226,9 +226,9 @@ def load_tokenizer(model_dir: Path, dtype: str = "float32") -> LoadedModel:
     import torch
     from transformers import AutoTokenizer, GenerationConfig
 
-    from packager.arch import load_arch
-    from packager.checkpoint import CheckpointReader
-    from packager.fingerprint import model_fingerprint
+    from packager.core.arch import load_arch
+    from packager.core.checkpoint import CheckpointReader
+    from packager.core.fingerprint import model_fingerprint
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
@@ -271,8 +271,8 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu") -> 
     import torch
     import transformers
 
-    from packager.execution import torch_dtype
-    from packager.pruned_model import load_pruned
+    from packager.core.execution import torch_dtype
+    from packager.core.pruned_model import load_pruned
 
     loaded = load_tokenizer(model_dir, dtype)
     transformers.utils.logging.disable_progress_bar()  # our own progress bar covers the run
@@ -392,7 +392,7 @@ def capture(loaded: LoadedModel, recorder: RoutingRecorder, sequences: list[tupl
 
 def capture_streamed(streamed, loaded: LoadedModel, recorder: RoutingRecorder,
                      sequences: list[tuple[list[int], list[int], int]], settings: CalibrationSettings, progress=None) -> dict:
-    """The same capture, one decoder layer at a time from the checkpoint (packager.layer_stream)."""
+    """The same capture, one decoder layer at a time from the checkpoint (packager.core.layer_stream)."""
     batches, bookkeeping = [], []
     for ids, mask, slots, pair_pos in _sequence_batches(loaded, sequences, settings.batch_size):
         batches.append((ids, mask))
@@ -412,7 +412,7 @@ def capture_streamed(streamed, loaded: LoadedModel, recorder: RoutingRecorder,
     if budget is None:
         import psutil
 
-        from packager.execution import RAM_RESERVE_BYTES
+        from packager.core.execution import RAM_RESERVE_BYTES
 
         # what is left once the running weights (one expert group or a layer's other tensors) and a reserve are set aside
         budget = max(0, psutil.virtual_memory().available - streamed.resident_weight_bytes() - RAM_RESERVE_BYTES)
@@ -432,7 +432,7 @@ OUTPUT_CACHE_FORMAT = "calibration-outputs/1"
 def output_cache_key(loaded: LoadedModel, data: Sequence[Path], settings: CalibrationSettings, chat_template_sha: str,
                      generator: str) -> dict:
     """What the parent's greedy translations depend on (like distill's parent-output cache)."""
-    from packager.fingerprint import file_sha256
+    from packager.core.fingerprint import file_sha256
 
     return {
         "format": OUTPUT_CACHE_FORMAT,
@@ -501,11 +501,11 @@ def calibrate(model_dir: str | Path, data: Sequence[str | Path], settings: Calib
     """Routing statistics of `model_dir` on `data` for `settings.pairs` (see module docstring).
 
     The model runs whole in memory or streamed layer by layer from the checkpoint
-    (packager.execution.choose_execution; `settings.execution` forces either). Both give
+    (packager.core.execution.choose_execution; `settings.execution` forces either). Both give
     the same statistics; the choice is recorded in the provenance."""
-    from packager.fingerprint import file_sha256
-    from packager.execution import Execution, choose_execution
-    from packager.layer_stream import StreamedModel
+    from packager.core.fingerprint import file_sha256
+    from packager.core.execution import Execution, choose_execution
+    from packager.core.layer_stream import StreamedModel
 
     if not settings.pairs:
         raise CalibrationError("--pairs: give at least one direction, e.g. en-de,de-en")

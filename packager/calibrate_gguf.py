@@ -28,7 +28,7 @@ How a run works:
      when the experts have a down bias) [n_embd, k, tokens]: their L2 norms.
    and copies each with ggml_backend_tensor_get when the scheduler reports it computed.
    Routing mass renormalises the applied weights over the top k, REAP multiplies the applied
-   weight by the norm: the definitions of packager.stats, as in the transformers path.
+   weight by the norm: the definitions of packager.core.stats, as in the transformers path.
 """
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ from packager.calibration_data import (
     CalibrationError, CalibrationSettings, Example, NullContext, PromptBuilder, SpanAccumulator, char_offsets_from_pieces,
     check_settings, output_span, progress_bar, read_examples, stats_for_run,
 )
-from packager.stats import RoutingStats
-from packager.provenance import versions
+from packager.core.stats import RoutingStats
+from packager.core.provenance import versions
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def inspect_gguf(path: Path) -> GGUFParent:
     """Family, MoE layers, counts, fingerprint and chat template of a GGUF parent, or one
     clear error (not a GGUF, truncated, dense, unknown architecture, pruned, no template)."""
     from converters.gguf.gguf_file import field_value, gguf_fingerprint, model_facts, open_gguf
-    from packager.errors import PackagerError
+    from packager.core.errors import PackagerError
 
     reader = open_gguf(path)
     try:

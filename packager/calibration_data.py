@@ -7,7 +7,7 @@ transformers, packager.calibrate_gguf for llama.cpp), so the two cannot drift ap
   split the `prompt` span from the `source` span (`PromptBuilder`; any tokenizer that gives
   ids and character offsets plugs in);
 - the span accumulator (`SpanAccumulator`): per-token routing (top-k ids, applied weights,
-  optional REAP terms) of whole sequences -> the sums and counts of packager.stats;
+  optional REAP terms) of whole sequences -> the sums and counts of packager.core.stats;
 - the STATS metadata and provenance of a run (`stats_for_run`).
 
 Nothing here imports torch or transformers, at import time or later.
@@ -27,8 +27,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from packager.errors import PackagerError
-from packager.stats import (
+from packager.core.errors import PackagerError
+from packager.core.stats import (
     MASS, MODE_SPAN, PROMPT, REAP, REAP_TOKENS, SELECTED, SEQUENCE, SEQUENCES, SOURCE, TOKENS, RoutingStats, empty_stats,
 )
 
@@ -53,9 +53,9 @@ class CalibrationSettings:
     seed: int = 0
     text_lang: str | None = None           # language of plain-text data files
     dtype: str = "float32"
-    # transformers backend only (packager.calibrate, packager.layer_stream):
+    # transformers backend only (packager.calibrate, packager.core.layer_stream):
     device: str = "auto"                   # cpu | cuda | cuda:N | auto
-    execution: str = "auto"                # whole | streamed | auto (packager.execution.choose_execution)
+    execution: str = "auto"                # whole | streamed | auto (packager.core.execution.choose_execution)
     max_activation_mb: int | None = None   # streamed: hidden states above this spill to disk (None = auto)
     spill_dir: str | None = None           # streamed: where the spill file goes (None = system temp dir)
     expert_group_bytes: int | None = None  # streamed: experts are loaded in groups of about this size (None = 256 MiB)
@@ -327,7 +327,7 @@ class PromptBuilder:
 
 # ---- accumulation ------------------------------------------------------------------------------------
 class SpanAccumulator:
-    """Sums and counts of packager.stats for whole sequences, from per-token routing.
+    """Sums and counts of packager.core.stats for whole sequences, from per-token routing.
 
     `add_sequence` takes, per MoE layer (rows in `moe_layers` order), the top-k expert ids
     [T, k] and the weights the model applied [T, k] of every token of one sequence, the
@@ -415,7 +415,7 @@ def stats_for_run(*, fingerprint: str, family: str, moe_layers: list[int], n_exp
                   fill: Callable[[RoutingStats], None]) -> RoutingStats:
     """A RoutingStats with the identity, settings and provenance of one calibration run;
     `fill` adds the tensors (e.g. SpanAccumulator.to_stats)."""
-    from packager.fingerprint import file_sha256
+    from packager.core.fingerprint import file_sha256
 
     stats = empty_stats({
         "model_fingerprint": fingerprint,

@@ -88,7 +88,7 @@ def cli(verbose: int) -> None:
 
 
 def main() -> None:
-    from packager.errors import PackagerError
+    from packager.core.errors import PackagerError
     from runtime.atomic import OUTPUT_ERRNOS, interrupt_on_sigterm, output_error
     from runtime.errors import EdgeError
 

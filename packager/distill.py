@@ -60,8 +60,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from packager.errors import CheckpointError, OutputExistsError, PackagerError
-from packager.provenance import versions
+from packager.core.errors import CheckpointError, OutputExistsError, PackagerError
+from packager.core.provenance import versions
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class Lineage:
 
 
 def _file_sha(path: Path) -> str | None:
-    from packager.fingerprint import file_sha256
+    from packager.core.fingerprint import file_sha256
 
     return file_sha256(path) if path.is_file() else None
 
@@ -160,9 +160,9 @@ def check_lineage(pruned_dir: Path, parent_dir: Path) -> Lineage:
     """Raise DistillError unless `pruned_dir` is an expert-pruned copy of `parent_dir`."""
     import numpy as np
 
-    from packager.arch import load_arch
-    from packager.checkpoint import CheckpointReader
-    from packager.fingerprint import bytes_to_float32, model_fingerprint
+    from packager.core.arch import load_arch
+    from packager.core.checkpoint import CheckpointReader
+    from packager.core.fingerprint import bytes_to_float32, model_fingerprint
     from packager.prune import read_provenance
 
     for path, what in ((pruned_dir, "pruned model"), (parent_dir, "parent model")):
@@ -258,7 +258,7 @@ def read_sources(data: Sequence[Path], settings: DistillSettings) -> list[Sample
 
 
 def cache_key(parent_fingerprint: str, data: Sequence[Path], settings: DistillSettings, chat_template_sha: str | None) -> dict:
-    from packager.fingerprint import file_sha256
+    from packager.core.fingerprint import file_sha256
 
     return {
         "format": CACHE_FORMAT,
@@ -656,7 +656,7 @@ def train(model, train_set: list[Example], dev_set: list[Example], probe_set: li
 def _input_dtype(pruned_dir: Path):
     import torch
 
-    from packager.checkpoint import CheckpointReader
+    from packager.core.checkpoint import CheckpointReader
 
     names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
     with CheckpointReader(pruned_dir) as reader:
@@ -673,9 +673,9 @@ def write_output(model, pruned_dir: Path, out_dir: Path, provenance: dict, force
     """Weights through transformers' save (its on-disk layout), everything else from the input."""
     import tempfile
 
-    from packager.arch import load_arch
-    from packager.checkpoint import CONFIG_NAME, INDEX_NAME, CheckpointReader, CheckpointWriter
-    from packager.fingerprint import model_fingerprint
+    from packager.core.arch import load_arch
+    from packager.core.checkpoint import CONFIG_NAME, INDEX_NAME, CheckpointReader, CheckpointWriter
+    from packager.core.fingerprint import model_fingerprint
     from runtime.atomic import atomic_write_json
 
     dtype = _input_dtype(pruned_dir)
@@ -737,7 +737,7 @@ def distill(pruned_dir: str | os.PathLike, parent_dir: str | os.PathLike, data: 
     from transformers import AutoTokenizer
 
     from packager.calibrate import CalibrationError, PromptBuilder
-    from packager.pruned_model import load_pruned
+    from packager.core.pruned_model import load_pruned
 
     started = time.monotonic()
     settings.check()

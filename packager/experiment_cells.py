@@ -5,7 +5,7 @@ checkpoint) translating one seeded test sample of one direction, greedy and batc
 packager.quality. It is cached as `OUT/cells/<key digest>.json`. The key holds everything the
 result depends on: the model fingerprint, the kept experts, the direction, the sample, the
 decoding settings, and `code`: the digest of this module's source files and of every project
-module it runs (packager.code_version), so a change to the scorer, the masking or the generator
+module it runs (packager.core.code_version), so a change to the scorer, the masking or the generator
 computes the cell again instead of reusing a result the new code would not give.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def canonical_keep(keep: dict[int, list[int]] | None):
 
 def cell_code() -> str:
     """Digest of the code that computes a cell (see the module docstring)."""
-    from packager.code_version import code_digest
+    from packager.core.code_version import code_digest
 
     return code_digest(__name__)
 

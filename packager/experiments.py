@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
-from packager.errors import PackagerError
+from packager.core.errors import PackagerError
 from packager.experiment_cells import CellCache, canonical_keep, digest
 from packager.quality import mean_score
 
@@ -145,7 +145,7 @@ class Experiment:
         import torch
 
         from packager.calibrate import PromptBuilder, load_model
-        from packager.fingerprint import file_sha256
+        from packager.core.fingerprint import file_sha256
 
         torch.set_num_threads(self.config.threads)
         self.parent = load_model(self.model_dir)
@@ -156,7 +156,7 @@ class Experiment:
 
     def calibration(self):
         from packager.calibrate import CalibrationSettings, calibrate
-        from packager.stats import RoutingStats
+        from packager.core.stats import RoutingStats
 
         path = self.out_dir / "stats.safetensors"
         pairs = tuple(p for lang in self._languages() for p in (f"{ENGLISH}-{lang}", f"{lang}-{ENGLISH}"))
@@ -358,7 +358,7 @@ class Experiment:
         import torch
 
         from packager import load_pruned
-        from packager.fingerprint import model_fingerprint
+        from packager.core.fingerprint import model_fingerprint
 
         fingerprint = model_fingerprint(path)
         if fingerprint not in self.models:
@@ -493,7 +493,7 @@ class Experiment:
         import transformers
 
         from packager import __version__
-        from packager.fingerprint import file_sha256
+        from packager.core.fingerprint import file_sha256
 
         config = self.config
         return {
@@ -534,8 +534,8 @@ class Experiment:
 def checkpoint_bytes(model_dir: Path) -> tuple[int, dict[int, list[int]]]:
     """Tensor bytes of a checkpoint and, per MoE layer, the bytes each routed expert holds
     (its weights plus its router row), read from the safetensors headers."""
-    from packager.arch import load_arch
-    from packager.checkpoint import CheckpointReader
+    from packager.core.arch import load_arch
+    from packager.core.checkpoint import CheckpointReader
 
     with CheckpointReader(model_dir) as reader:
         config, names = reader.config, set(reader.names())

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from packager.errors import PackagerError
+from packager.core.errors import PackagerError
 
 RAM_MARGIN = 1.10  # as packager.bundle.MIN_RAM_MARGIN: headroom over a measured peak
 GIB, MIB = 1 << 30, 1 << 20

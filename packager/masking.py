@@ -12,8 +12,8 @@ from contextlib import contextmanager
 
 import torch
 
-from packager.arch import load_arch
-from packager.errors import PlanError
+from packager.core.arch import load_arch
+from packager.core.errors import PlanError
 
 logger = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from packager.errors import PackagerError
+from packager.core.errors import PackagerError
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def calibration_hidden_states(model_dir: Path, records: Sequence[dict], moe_laye
     """Inputs of each MoE block (rows = tokens) on prompts + reference translations."""
     import torch
 
-    from packager.arch import load_arch
+    from packager.core.arch import load_arch
     from packager.calibrate import load_model
     from packager.calibration_data import PromptBuilder
 
@@ -264,10 +264,10 @@ def merge_prune(model_dir: str | os.PathLike, plan, out_dir: str | os.PathLike, 
                 merge_map: Mapping | None = None, max_tokens: int = 1024, max_records: int = 256, force: bool = False,
                 progress: bool = False) -> Path:
     """A pruned checkpoint whose kept experts absorbed the dropped ones (module docstring)."""
-    from packager.arch import load_arch
-    from packager.checkpoint import CheckpointReader
-    from packager.fingerprint import model_fingerprint
-    from packager.plan_file import Plan, validate_plan
+    from packager.core.arch import load_arch
+    from packager.core.checkpoint import CheckpointReader
+    from packager.core.fingerprint import model_fingerprint
+    from packager.core.plan_file import Plan, validate_plan
     from packager.prune import prune_checkpoint
 
     model_dir = Path(model_dir)

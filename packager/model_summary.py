@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 import os
 
-from packager.arch import PER_LAYER_COUNTS_KEY, load_arch
-from packager.checkpoint import DTYPE_BYTES, CheckpointReader
-from packager.fingerprint import model_fingerprint
+from packager.core.arch import PER_LAYER_COUNTS_KEY, load_arch
+from packager.core.checkpoint import DTYPE_BYTES, CheckpointReader
+from packager.core.fingerprint import model_fingerprint
 from packager.prune import read_provenance
 
 logger = logging.getLogger(__name__)

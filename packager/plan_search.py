@@ -59,7 +59,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from packager.errors import PackagerError
+from packager.core.errors import PackagerError
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ def build_size_model(size_format: str, model_dir: Path, work_dir: Path, fingerpr
     kind, quant = check_size_format(size_format)
     kv = _kv_bytes_per_token(config)
     if kind == "safetensors":
-        from packager.plan_file import Plan
+        from packager.core.plan_file import Plan
         from packager.prune import describe_prune
 
         full = describe_prune(model_dir, Plan(fingerprint, {i: list(range(n_experts)) for i in moe_layers}))["output_tensor_bytes"]
@@ -276,7 +276,7 @@ def build_size_model(size_format: str, model_dir: Path, work_dir: Path, fingerpr
             return SizeModel(size_format, data["base"], data["per_expert"], METADATA_ALLOWANCE, False, data["references"], kv)
     import shutil
 
-    from packager.plan_file import Plan
+    from packager.core.plan_file import Plan
     from packager.prune import prune_checkpoint
     from runtime.atomic import atomic_write_json
 
@@ -340,7 +340,7 @@ class Evaluator:
 
         from packager.calibrate import load_model
         from packager.calibration_data import PromptBuilder
-        from packager.fingerprint import file_sha256
+        from packager.core.fingerprint import file_sha256
 
         torch.set_num_threads(settings.threads)
         self.settings, self.work_dir = settings, work_dir
@@ -612,9 +612,9 @@ def search(stats, model_dir: Path, dev_path: Path, budgets: Budgets, settings: S
            progress: bool = False, provenance: dict | None = None) -> SearchResult:
     """Run the search (module docstring). Raises SearchError when no candidate meets the budgets,
     after scoring everything (the result is still written by the caller through `exc.result`)."""
-    from packager.arch import load_arch
+    from packager.core.arch import load_arch
     from packager.planning import parse_langs
-    from packager.plan_file import Plan
+    from packager.core.plan_file import Plan
 
     if settings.proxy not in PROXIES:
         raise SearchError(f"--proxy {settings.proxy!r}: use one of {', '.join(PROXIES)}")

@@ -53,8 +53,8 @@ from typing import Sequence
 
 import numpy as np
 
-from packager.errors import PackagerError
-from packager.stats import (
+from packager.core.errors import PackagerError
+from packager.core.stats import (
     MASS, MODE_SPAN, REAP, REAP_TOKENS, SELECTED, SEQUENCE, SEQUENCES, SOURCE, SPANS, TOKENS,
     RoutingStats,
 )
@@ -460,8 +460,8 @@ def _grouped_selection(stats: RoutingStats, groups: dict, allocation: str, per_l
 
 
 def make_plan(stats: RoutingStats, settings: PlanSettings, provenance: dict | None = None):
-    """A `packager.plan_file.Plan` for `stats` (the parent's fingerprint travels with it)."""
-    from packager.plan_file import Plan
+    """A `packager.core.plan_file.Plan` for `stats` (the parent's fingerprint travels with it)."""
+    from packager.core.plan_file import Plan
 
     keep, meta = plan_keep(stats, settings)
     meta["stats_provenance"] = stats.meta.get("provenance", [])

@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from packager.arch import PER_LAYER_COUNTS_KEY, MoEArch, load_arch
-from packager.checkpoint import (
+from packager.core.arch import PER_LAYER_COUNTS_KEY, MoEArch, load_arch
+from packager.core.checkpoint import (
     CONFIG_NAME,
     DEFAULT_MAX_SHARD_BYTES,
     INDEX_NAME,
@@ -29,10 +29,10 @@ from packager.checkpoint import (
     CheckpointWriter,
     atomic_write_json,
 )
-from packager.errors import CheckpointError, OutputExistsError
-from packager.fingerprint import bytes_to_float32, file_sha256, fingerprint_from_parts, model_fingerprint
-from packager.plan_file import Plan, validate_plan
-from packager.provenance import versions
+from packager.core.errors import CheckpointError, OutputExistsError
+from packager.core.fingerprint import bytes_to_float32, file_sha256, fingerprint_from_parts, model_fingerprint
+from packager.core.plan_file import Plan, validate_plan
+from packager.core.provenance import versions
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def _classify(reader: CheckpointReader, arch: MoEArch, config: dict, keep: dict[
     of its quantization: scales, zeros, group indices, packed shapes) is kept and renumbered, or
     dropped, with that expert; router tensors lose the dropped rows. A tensor that carries an
     expert index but that the family description does not know is refused (arch.layer_expert_tensors)."""
-    from packager.quant_formats import logical_tensors
+    from packager.core.quant_formats import logical_tensors
 
     names = set(reader.names())
     suffixes = reader.quant.suffixes()
@@ -109,7 +109,7 @@ def _classify(reader: CheckpointReader, arch: MoEArch, config: dict, keep: dict[
 def _pruned_quantization_config(arch: MoEArch, config: dict, keep: dict[int, list[int]]) -> dict:
     """quantization_config with module-name lists (modules_to_not_convert, ignore, ...) that
     name experts by index renumbered like the experts, dropped experts removed."""
-    from packager.quant_formats import expert_module_pattern, rename_module_lists
+    from packager.core.quant_formats import expert_module_pattern, rename_module_lists
 
     patterns = {layer_idx: expert_module_pattern(arch.expert_scope(layer_idx)) for layer_idx in keep
                 if arch.expert_scope(layer_idx) is not None}

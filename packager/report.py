@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from packager import __version__
-from packager.errors import PackagerError
+from packager.core.errors import PackagerError
 
 logger = logging.getLogger(__name__)
 
@@ -521,7 +521,7 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     import matplotlib
 
     matplotlib.use("Agg")
-    from packager.fingerprint import file_sha256
+    from packager.core.fingerprint import file_sha256
     from runtime.atomic import OUTPUT_ERRNOS, atomic_write_json, atomic_write_text, output_error
 
     out_dir = Path(out_dir)

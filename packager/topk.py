@@ -27,7 +27,7 @@ import shutil
 import time
 from pathlib import Path
 
-from packager.errors import OutputExistsError, PackagerError
+from packager.core.errors import OutputExistsError, PackagerError
 
 REDUCTION_NAME = "reduction.json"
 
@@ -45,9 +45,9 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def reduce_top_k(model_dir: str | os.PathLike, out_dir: str | os.PathLike, top_k: int, force: bool = False) -> Path:
     """Write OUT = MODEL served with `top_k` experts per token (module docstring)."""
-    from packager.arch import load_arch
-    from packager.checkpoint import CONFIG_NAME
-    from packager.fingerprint import model_fingerprint
+    from packager.core.arch import load_arch
+    from packager.core.checkpoint import CONFIG_NAME
+    from packager.core.fingerprint import model_fingerprint
     from packager.prune import PROVENANCE_NAME
     from runtime.atomic import atomic_write_json, fsync_dir
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from packager.errors import PackagerError
-from packager.provenance import versions
+from packager.core.errors import PackagerError
+from packager.core.provenance import versions
 
 logger = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ def run_worker(model: str | os.PathLike, segments: Sequence[Segment], *, threads
 def _model_description(model: str | os.PathLike) -> dict:
     from runtime.backends import resolve_model
     from runtime.errors import EdgeError
-    from packager.fingerprint import file_sha256
+    from packager.core.fingerprint import file_sha256
 
     try:
         model_file, config = resolve_model(model)
@@ -522,7 +522,7 @@ def verify(model: str | os.PathLike, test_file: str | os.PathLike, pairs, out: s
            labels: dict | None = None, command: str | None = None) -> dict:
     """Measure `model` (and `parent`, or reuse `parent_metrics` measured on the same
     selection), write METRICS.json (and METRICS.segments.jsonl), return the metrics."""
-    from packager.fingerprint import file_sha256
+    from packager.core.fingerprint import file_sha256
     from runtime.atomic import atomic_write_json, atomic_write_text
 
     out = Path(out)

@@ -1,5 +1,5 @@
 """Errors of the device runtime. Each message is one line for the user: the file, what is
-wrong, what to do. The build side's `packager.errors.PackagerError` is a separate hierarchy;
+wrong, what to do. The build side's `packager.core.errors.PackagerError` is a separate hierarchy;
 CLIs catch both."""
 from __future__ import annotations
 

@@ -12,11 +12,11 @@ from safetensors import safe_open
 from tiny_models import FAMILIES, build_tiny, tiny_config
 from transformers import AutoModelForCausalLM
 
-from packager.arch import PER_LAYER_COUNTS_KEY, UnsupportedArchitecture, load_arch, supported_families
-from packager.arch.spec import _parse
-from packager.errors import PackagerError, PlanError
-from packager.fingerprint import fingerprint_from_parts, model_fingerprint
-from packager.plan_file import Plan, validate_plan
+from packager.core.arch import PER_LAYER_COUNTS_KEY, UnsupportedArchitecture, load_arch, supported_families
+from packager.core.arch.spec import _parse
+from packager.core.errors import PackagerError, PlanError
+from packager.core.fingerprint import fingerprint_from_parts, model_fingerprint
+from packager.core.plan_file import Plan, validate_plan
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 from converters.gguf.export import export_gguf
 from converters.gguf.quantize import quantize_gguf
 from packager.build import BuildError, load_build_config
-from packager.fingerprint import model_fingerprint
+from packager.core.fingerprint import model_fingerprint
 from runtime.backends import export_config_path
 from runtime.bundle import load_bundle
 from test_bundle import build_translator, write_test_data
@@ -116,7 +116,7 @@ def test_gguf_parent_builds_bundles_without_torch(work):
     ]
     assert set(statuses.values()) == {"done"}
     stats_meta = json.loads(subprocess.run(
-        [sys.executable, "-c", "import json,sys; from packager.stats import RoutingStats; "
+        [sys.executable, "-c", "import json,sys; from packager.core.stats import RoutingStats; "
                                "print(json.dumps(RoutingStats.load(sys.argv[1]).meta['provenance'][0]['execution']))",
          str(work / "run" / "calibration" / "stats.safetensors")], capture_output=True, text=True, check=True).stdout)
     assert stats_meta["mode"] == "llama.cpp"

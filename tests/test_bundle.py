@@ -14,7 +14,7 @@ import pytest
 
 from converters.gguf.export import export_gguf
 from packager.bundle import BundleBuildError, make_bundle, min_ram_bytes
-from packager.errors import OutputExistsError
+from packager.core.errors import OutputExistsError
 from packager.verify import VerifyError, load_metrics, segments_file, verify
 from runtime.backends import open_backend
 from runtime.bundle import BundleError, DirectionError, load_bundle

@@ -18,7 +18,7 @@ from tiny_models import build_tiny
 
 from packager.calibrate import CalibrationError, CalibrationSettings, calibrate, load_model, parse_pair_list
 from packager.planning import PlanSettings, expert_order, plan_keep
-from packager.stats import RoutingStats, merge_stats
+from packager.core.stats import RoutingStats, merge_stats
 
 TEMPLATE = "{{ bos_token }}<|{{ source_lang }}|><|{{ target_lang }}|>{{ messages[0]['content'] }}<|sep|>"
 SENTENCES = [("the house is red", "das Haus ist rot"), ("open file", "Datei neu"), ("the red window", "Fenster rot")]
@@ -174,7 +174,7 @@ def random_model(tmp_path_factory) -> Path:
 def test_mass_and_reap_match_a_reference_from_the_weights(random_model, tmp_path):
     from transformers import AutoTokenizer
 
-    from packager.arch import load_arch
+    from packager.core.arch import load_arch
 
     data = _write_data(tmp_path / "d.jsonl", SENTENCES)
     stats = calibrate(random_model, [data], CalibrationSettings(pairs=("en-de",), teacher_forced=True, batch_size=2,
@@ -335,7 +335,7 @@ run("plan", "compare", "{tmp_path}/dyn.json", "{tmp_path}/uni.json", "{tmp_path}
     assert plan["meta"]["allocation"] == "dynamic" and plan["meta"]["kept_experts"] == 8
     assert set(plan["meta"]["jsd"]) == {"0", "1"}
     assert plan["meta"]["provenance"]["stats"]["sha256"]
-    from packager.plan_file import Plan
+    from packager.core.plan_file import Plan
 
     assert Plan.load(tmp_path / "uni.json").keep.keys() == {0, 1}
 

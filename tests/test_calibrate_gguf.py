@@ -19,8 +19,8 @@ from converters.gguf.export import export_gguf
 from packager.calibrate import calibrate
 from packager.calibrate_gguf import calibrate_gguf
 from packager.calibration_data import CalibrationError, CalibrationSettings
-from packager.errors import PackagerError
-from packager.stats import IDENTITY_KEYS, SETTING_KEYS, RoutingStats
+from packager.core.errors import PackagerError
+from packager.core.stats import IDENTITY_KEYS, SETTING_KEYS, RoutingStats
 from test_gguf import FAMILY_OVERRIDES, build_model
 
 SENTENCES = [
@@ -253,8 +253,8 @@ def test_a_pruned_gguf_has_its_own_identity_and_a_missing_file_is_named(work, tm
     equals the safetensors fingerprint, a pruned child's differs (plans check it)."""
     from converters.gguf.gguf_file import gguf_fingerprint, open_gguf
     from converters.gguf.prune_gguf import prune_gguf
-    from packager.fingerprint import model_fingerprint
-    from packager.plan_file import Plan
+    from packager.core.fingerprint import model_fingerprint
+    from packager.core.plan_file import Plan
 
     model_dir, gguf_file = family_model("qwen3_moe", work)
     parent_fingerprint = gguf_fingerprint(open_gguf(gguf_file), gguf_file)

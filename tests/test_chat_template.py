@@ -170,9 +170,9 @@ def test_pruned_gguf_defaults_to_the_plans_direction(tmp_path):
     from converters.gguf.export import export_gguf
     from converters.gguf.gguf_file import field_value, open_gguf
     from converters.gguf.prune_gguf import prune_gguf
-    from packager.arch import load_arch
-    from packager.fingerprint import model_fingerprint
-    from packager.plan_file import Plan
+    from packager.core.arch import load_arch
+    from packager.core.fingerprint import model_fingerprint
+    from packager.core.plan_file import Plan
     from runtime.backends import open_backend
 
     model = ROOT / "models" / "default"

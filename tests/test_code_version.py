@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from packager.code_version import SOURCE_ROOT, code_digest, source_files
+from packager.core.code_version import SOURCE_ROOT, code_digest, source_files
 
 
 def _tree(root: Path) -> Path:

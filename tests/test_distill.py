@@ -18,11 +18,11 @@ from tiny_models import SPECIAL_TOKENS, WORDS, build_tiny
 
 import packager.distill as distill_module
 from packager import load_pruned
-from packager.checkpoint import CheckpointReader
+from packager.core.checkpoint import CheckpointReader
 from packager.distill import PROVENANCE_NAME, DistillError, DistillSettings, distill
-from packager.errors import OutputExistsError
-from packager.fingerprint import model_fingerprint
-from packager.plan_file import Plan
+from packager.core.errors import OutputExistsError
+from packager.core.fingerprint import model_fingerprint
+from packager.core.plan_file import Plan
 from packager.prune import PROVENANCE_NAME as PRUNING_NAME
 from packager.prune import prune_checkpoint
 

@@ -15,7 +15,7 @@ import pytest
 from rich.console import Console
 
 from packager.build import BuildError, build, load_build_config
-from packager.fingerprint import model_fingerprint
+from packager.core.fingerprint import model_fingerprint
 from runtime.bundle import load_bundle
 from test_bundle import build_translator, run_cli, write_test_data
 

@@ -16,11 +16,11 @@ from tiny_models import build_tiny
 
 import packager.distill as distill_module
 import packager.experiment_cells as cells_module
-from packager.code_version import code_digest
-from packager.checkpoint import CheckpointReader
+from packager.core.code_version import code_digest
+from packager.core.checkpoint import CheckpointReader
 from packager.experiments import QUICK, RESULTS_SCHEMA, Experiment, ExperimentError
 from packager.planning import PlanSettings, global_iou, plan_keep
-from packager.stats import RoutingStats
+from packager.core.stats import RoutingStats
 
 REPO = Path(__file__).resolve().parents[1]
 HARVEST = REPO / "data" / "harvest"

@@ -23,10 +23,10 @@ from converters.gguf.export import export_gguf, quantized_path
 from converters.gguf.gguf_file import field_value, gguf_fingerprint, open_gguf
 from converters.gguf.prune_gguf import prune_gguf
 from converters.gguf.quantize import quantize_gguf
-from packager.errors import OutputExistsError, PlanError, UnsupportedArchitecture
-from packager.fingerprint import model_fingerprint
+from packager.core.errors import OutputExistsError, PlanError, UnsupportedArchitecture
+from packager.core.fingerprint import model_fingerprint
 from packager.masking import expert_mask
-from packager.plan_file import Plan
+from packager.core.plan_file import Plan
 from packager.prune import prune_checkpoint
 from runtime.backends import export_config_path, open_backend
 from runtime.errors import BackendError

@@ -62,9 +62,9 @@ def work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def exports(work) -> dict[str, Path]:
     from converters.gguf.export import export_gguf
-    from packager.arch import load_arch
-    from packager.fingerprint import model_fingerprint
-    from packager.plan_file import Plan
+    from packager.core.arch import load_arch
+    from packager.core.fingerprint import model_fingerprint
+    from packager.core.plan_file import Plan
     from packager.prune import prune_checkpoint
 
     config = json.loads((MODEL / "config.json").read_text())

@@ -1,4 +1,4 @@
-"""Layer-streamed calibration (packager.layer_stream): a layer built from the shards equals the
+"""Layer-streamed calibration (packager.core.layer_stream): a layer built from the shards equals the
 one transformers loads, streamed statistics equal whole-model statistics for every family and
 layout, hidden states spill to disk under a small budget, the parent's own greedy output,
 teacher-forced, routes exactly as during generation, and bad input gives one error line."""
@@ -15,9 +15,9 @@ import torch
 from tiny_models import build_tiny, write_fused_layout, write_mxfp4_layout
 
 from packager.calibrate import CalibrationError, CalibrationSettings, calibrate, load_model
-from packager.errors import CheckpointError
-from packager.execution import StreamingError, choose_execution
-from packager.layer_stream import StreamedModel
+from packager.core.errors import CheckpointError
+from packager.core.execution import StreamingError, choose_execution
+from packager.core.layer_stream import StreamedModel
 
 TEMPLATE = "{{ bos_token }}<|{{ source_lang }}|><|{{ target_lang }}|>{{ messages[0]['content'] }}<|sep|>"
 SENTENCES = [("the house is red", "das Haus ist rot"), ("open file", "Datei neu"), ("the red window", "Fenster rot"),
@@ -77,7 +77,7 @@ def test_streamed_statistics_equal_whole_model_statistics(case, tmp_path):
 
 @pytest.mark.parametrize("case", ["qwen3_moe-dense-middle", "mixtral", "gpt_oss-mxfp4", "deepseek_v3-groups", "qwen2_moe-shared"])
 def test_a_streamed_layer_is_bit_identical_to_the_loaded_one(case, tmp_path):
-    from packager.pruned_model import load_pruned
+    from packager.core.pruned_model import load_pruned
 
     model_dir = _model(case, tmp_path)
     reference = load_pruned(model_dir, dtype=torch.float32).state_dict()
@@ -114,7 +114,7 @@ def test_hidden_states_spill_to_disk_under_a_small_budget(tmp_path):
 def test_not_enough_disk_for_the_spill_is_one_error_naming_path_and_bytes(tmp_path, monkeypatch):
     from collections import namedtuple
 
-    import packager.layer_stream as layer_stream
+    import packager.core.layer_stream as layer_stream
 
     model_dir = _model("olmoe", tmp_path)
     data = _data(tmp_path / "d.jsonl")
@@ -150,7 +150,7 @@ def test_layer_tensors_missing_from_the_shards_are_named(tmp_path):
 
 
 def test_automatic_choice_follows_free_memory(tmp_path, monkeypatch):
-    import packager.execution as execution
+    import packager.core.execution as execution
 
     model_dir = _model("olmoe", tmp_path)
     monkeypatch.setattr(execution, "available_memory", lambda device: 64 * 1024**3)
@@ -170,9 +170,9 @@ def test_automatic_choice_follows_free_memory(tmp_path, monkeypatch):
 
 
 def test_weight_bytes_count_mxfp4_as_dequantised_values(tmp_path):
-    from packager.arch import load_arch
-    from packager.checkpoint import CheckpointReader
-    from packager.execution import weight_bytes
+    from packager.core.arch import load_arch
+    from packager.core.checkpoint import CheckpointReader
+    from packager.core.execution import weight_bytes
 
     plain = build_tiny("gpt_oss", tmp_path / "plain", seed=5)
     packed = write_mxfp4_layout(build_tiny("gpt_oss", tmp_path / "packed", seed=5))
@@ -271,7 +271,7 @@ def test_cli_streamed_calibration_reports_the_execution(tmp_path):
 
 
 def test_expert_rows_in_small_chunks_give_the_same_statistics(tmp_path, monkeypatch):
-    import packager.layer_stream as layer_stream
+    import packager.core.layer_stream as layer_stream
 
     model_dir = _model("qwen2_moe-shared", tmp_path)
     data = _data(tmp_path / "d.jsonl")

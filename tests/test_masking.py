@@ -8,8 +8,8 @@ import torch
 from tiny_models import FAMILIES, build_tiny
 from transformers import AutoModelForCausalLM
 
-from packager.arch import load_arch
-from packager.errors import PlanError
+from packager.core.arch import load_arch
+from packager.core.errors import PlanError
 from packager.masking import apply_expert_mask, expert_mask
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from tiny_models import WORDS, _load_all, _save_single, build_tiny
 
-from packager.arch import load_arch
-from packager.errors import CheckpointError
+from packager.core.arch import load_arch
+from packager.core.errors import CheckpointError
 from packager.merge import MergeError, merge_prune, validate_merge_map
 from packager.planning import PlanSettings, make_plan
 from packager.prune import prune_checkpoint, read_provenance
@@ -60,7 +60,7 @@ def _logits(model, ids):
 
 def test_identical_experts_merge_to_the_unmerged_model(work):
     from packager.masking import expert_mask
-    from packager.pruned_model import load_pruned
+    from packager.core.pruned_model import load_pruned
 
     work_dir, calib = work
     parent = build_tiny("qwen3_moe", work_dir / "same", seed=3)
@@ -79,7 +79,7 @@ def test_identical_experts_merge_to_the_unmerged_model(work):
 
 
 def test_merge_weights_map_and_lineage(work):
-    from packager.checkpoint import CheckpointReader
+    from packager.core.checkpoint import CheckpointReader
     from packager.distill import check_lineage
 
     work_dir, calib = work

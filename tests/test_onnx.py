@@ -26,10 +26,10 @@ from converters.onnx.errors import OnnxExportError
 from converters.onnx.export import DATA_FILE, MODEL_FILE, export_onnx
 from converters.onnx.quantize import dequantize_rows, quantize_rows
 from packager import load_pruned
-from packager.errors import OutputExistsError, UnsupportedArchitecture
-from packager.fingerprint import model_fingerprint
+from packager.core.errors import OutputExistsError, UnsupportedArchitecture
+from packager.core.fingerprint import model_fingerprint
 from packager.masking import expert_mask
-from packager.plan_file import Plan
+from packager.core.plan_file import Plan
 from packager.prune import prune_checkpoint
 from runtime.backends import export_config_path, open_backend
 from runtime.backends.onnx_backend import OnnxBackend, past_names

@@ -21,10 +21,10 @@ import torch
 from converters.onnx.check import compare_with_transformers, open_session
 from converters.onnx.export import DATA_FILE, MODEL_FILE, export_onnx
 from packager import load_pruned
-from packager.arch import load_arch
-from packager.fingerprint import model_fingerprint
+from packager.core.arch import load_arch
+from packager.core.fingerprint import model_fingerprint
 from packager.masking import expert_mask
-from packager.plan_file import Plan
+from packager.core.plan_file import Plan
 from packager.prune import prune_checkpoint
 from runtime.backends import export_config_path, open_backend
 from runtime.schema import ExportConfig

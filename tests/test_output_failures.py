@@ -21,8 +21,8 @@ from converters.gguf.export import export_gguf
 from converters.gguf.prune_gguf import prune_gguf
 from converters.onnx.export import export_onnx
 from packager.bundle import make_bundle
-from packager.fingerprint import model_fingerprint
-from packager.plan_file import Plan
+from packager.core.fingerprint import model_fingerprint
+from packager.core.plan_file import Plan
 from packager.prune import prune_checkpoint
 from packager.report import build_report
 from runtime.atomic import OutputError, atomic_output, atomic_write_json

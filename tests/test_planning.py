@@ -13,7 +13,7 @@ from packager.planning import (
     global_iou, invert_counts, js_divergence, language_jsd, layer_scores, parse_langs, plan_keep,
     uniform_count,
 )
-from packager.stats import empty_stats
+from packager.core.stats import empty_stats
 
 LAYERS = [0, 1, 2]
 

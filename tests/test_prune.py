@@ -16,11 +16,11 @@ from tiny_models import FAMILIES, build_tiny, write_fused_layout, write_mxfp4_la
 from transformers import AutoModelForCausalLM
 
 from packager import load_pruned
-from packager.arch import PER_LAYER_COUNTS_KEY, load_arch
-from packager.checkpoint import INDEX_NAME
-from packager.fingerprint import model_fingerprint
+from packager.core.arch import PER_LAYER_COUNTS_KEY, load_arch
+from packager.core.checkpoint import INDEX_NAME
+from packager.core.fingerprint import model_fingerprint
 from packager.masking import expert_mask
-from packager.plan_file import Plan
+from packager.core.plan_file import Plan
 from packager.prune import PROVENANCE_NAME, prune_checkpoint
 
 TOLERANCE = 1e-5
@@ -196,7 +196,7 @@ def test_output_side_files_provenance_and_fingerprint(parents, tmp_path):
     assert provenance["plan"]["sha256"] == Plan.load(plan_path).sha256()
     assert provenance["plan"]["meta"]["languages"] == ["de"]
     assert provenance["keep"] == {str(k): v for k, v in keep.items()}
-    from packager.fingerprint import file_sha256
+    from packager.core.fingerprint import file_sha256
 
     assert provenance["input"]["hash_mode"] == "full"
     assert provenance["input"]["files"]["model.safetensors"]["sha256"] == file_sha256(parent_dir / "model.safetensors")
@@ -242,7 +242,7 @@ def test_sharded_input_and_output(parents, tmp_path):
 
 
 def test_failure_midway_leaves_nothing(parents, tmp_path, monkeypatch):
-    import packager.checkpoint as checkpoint
+    import packager.core.checkpoint as checkpoint
 
     parent_dir = parents("qwen3_moe", None)
     config = _config(parent_dir)
@@ -265,8 +265,8 @@ def test_failure_midway_leaves_nothing(parents, tmp_path, monkeypatch):
 
 _KILL_RUNNER = """
 import sys, time, pathlib
-import packager.checkpoint as checkpoint
-from packager.plan_file import Plan
+import packager.core.checkpoint as checkpoint
+from packager.core.plan_file import Plan
 from packager.prune import prune_checkpoint
 real = checkpoint.copy_range
 state = {"n": 0}

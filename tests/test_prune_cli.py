@@ -11,9 +11,9 @@ import pytest
 from tiny_models import build_tiny
 
 from packager import cli
-from packager.arch import load_arch
-from packager.fingerprint import model_fingerprint
-from packager.plan_file import Plan
+from packager.core.arch import load_arch
+from packager.core.fingerprint import model_fingerprint
+from packager.core.plan_file import Plan
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:

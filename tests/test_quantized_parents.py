@@ -24,14 +24,14 @@ from safetensors.torch import save_file
 from tiny_models import build_tiny
 
 from packager import cli, load_pruned
-from packager.arch import PER_LAYER_COUNTS_KEY, load_arch
-from packager.checkpoint import CheckpointReader
-from packager.errors import CheckpointError
-from packager.fingerprint import model_fingerprint
+from packager.core.arch import PER_LAYER_COUNTS_KEY, load_arch
+from packager.core.checkpoint import CheckpointReader
+from packager.core.errors import CheckpointError
+from packager.core.fingerprint import model_fingerprint
 from packager.masking import expert_mask
-from packager.plan_file import Plan
+from packager.core.plan_file import Plan
 from packager.prune import prune_checkpoint
-from packager.quant_formats import FP8_TABLES, logical_tensors, read_float32, write_dequantized
+from packager.core.quant_formats import FP8_TABLES, logical_tensors, read_float32, write_dequantized
 
 TOLERANCE = 1e-5
 TEMPLATE = "{{ bos_token }}<|{{ source_lang }}|><|{{ target_lang }}|>{{ messages[0]['content'] }}<|sep|>"

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from packager.stats import (
+from packager.core.stats import (
     FORMAT, METADATA_KEY, RoutingStats, StatsError, empty_stats, merge_stats, tensor_name,
 )
 

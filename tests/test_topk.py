@@ -18,9 +18,9 @@ from converters.gguf.export import export_gguf
 from converters.gguf.gguf_file import field_value, open_gguf
 from converters.onnx.check import compare_with_transformers, open_session
 from converters.onnx.export import MODEL_FILE, export_onnx
-from packager.errors import OutputExistsError
-from packager.fingerprint import model_fingerprint
-from packager.plan_file import Plan
+from packager.core.errors import OutputExistsError
+from packager.core.fingerprint import model_fingerprint
+from packager.core.plan_file import Plan
 from packager.prune import prune_checkpoint, read_provenance
 from packager.topk import REDUCTION_NAME, TopKError, reduce_top_k
 from runtime.backends import open_backend

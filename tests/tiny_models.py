@@ -134,7 +134,7 @@ def _save_single(model_dir: Path, tensors: dict[str, torch.Tensor], old_files: l
 
 def write_fused_layout(model_dir) -> Path:
     """Rewrite per-expert keys as fused 3D tensors ([E, 2I, H] gate_up, [E, H, I] down)."""
-    from packager.arch import load_arch
+    from packager.core.arch import load_arch
 
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
@@ -174,7 +174,7 @@ def quantize_mxfp4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def write_mxfp4_layout(model_dir) -> Path:
     """Rewrite GPT-OSS fused experts as MXFP4 `*_blocks` / `*_scales` (as published checkpoints)."""
-    from packager.arch import load_arch
+    from packager.core.arch import load_arch
 
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())

@@ -1,7 +1,7 @@
 """Errors of the GGUF converter (all PackagerError: the CLI prints one line)."""
 from __future__ import annotations
 
-from packager.errors import PackagerError
+from packager.core.errors import PackagerError
 
 
 class GGUFExportError(PackagerError):

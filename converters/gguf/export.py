@@ -31,14 +31,14 @@ from converters.gguf.families import (
 )
 from converters.gguf.vocab import GGUFVocab, read_vocab
 from packager import __version__
-from packager.arch import PER_LAYER_COUNTS_KEY, MoEArch, load_arch
-from packager.checkpoint import CheckpointReader
-from packager.errors import CheckpointError, OutputExistsError
-from packager.fingerprint import bytes_to_float32, file_sha256, model_fingerprint
-from packager.mxfp4 import dequantize_mxfp4
+from packager.core.arch import PER_LAYER_COUNTS_KEY, MoEArch, load_arch
+from packager.core.checkpoint import CheckpointReader
+from packager.core.errors import CheckpointError, OutputExistsError
+from packager.core.fingerprint import bytes_to_float32, file_sha256, model_fingerprint
+from packager.core.mxfp4 import dequantize_mxfp4
 from packager.prune import read_provenance
-from packager.quant_formats import logical_shape, logical_tensors, physical_names, read_float32
-from packager.provenance import created_unix, versions
+from packager.core.quant_formats import logical_shape, logical_tensors, physical_names, read_float32
+from packager.core.provenance import created_unix, versions
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def _read(reader: CheckpointReader, name: str, rows=None) -> bytes:
 
 def _reader_array(reader: CheckpointReader, name: str) -> np.ndarray:
     """A tensor as float32; a quantized linear (FP8, GPTQ, AWQ, compressed-tensors) under its
-    logical name is dequantised exactly (packager.quant_formats)."""
+    logical name is dequantised exactly (packager.core.quant_formats)."""
     if logical_tensors(reader).get(name) is not None:
         return read_float32(reader, name, read=lambda part: _read(reader, part))
     info = reader.info(name)

@@ -5,7 +5,7 @@ instead of silently computing something else).
 
 Checked against llama.cpp 0c1e57098 (the one llama-cpp-python 0.3.36 bundles) by loading
 and running tiny models of each family (tests/test_gguf*.py). The routed experts and routers
-come from packager.arch (roles); this file names their GGUF tensors. Shared-expert and
+come from packager.core.arch (roles); this file names their GGUF tensors. Shared-expert and
 attention tensors are listed here as Hugging Face -> GGUF pairs.
 
 Templates use `${layer_idx}`; `tensor_name` is the only expansion.
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from string import Template
 from typing import Any, Mapping
 
-from packager.errors import UnsupportedArchitecture
+from packager.core.errors import UnsupportedArchitecture
 
 # our own metadata keys (llama.cpp ignores unknown keys)
 KEY_VERSION = "packager.version"
@@ -85,7 +85,7 @@ _ROUTER = "blk.${layer_idx}.ffn_gate_inp.weight"
 @dataclass(frozen=True)
 class FusedPart:
     """How one GGUF expert tensor comes out of a fused on-disk tensor, per expert: take the
-    `source` role (packager.arch fused role), split it along `axis` ("first_half",
+    `source` role (packager.core.arch fused role), split it along `axis` ("first_half",
     "second_half", "even", "odd" or None), then transpose when stored [in, out]."""
 
     source: str

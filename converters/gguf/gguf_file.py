@@ -12,7 +12,7 @@ import numpy as np
 
 from converters.gguf.errors import GGUFFileError
 from converters.gguf.families import KEY_FAMILY, KEY_MOE_LAYERS, GGUFFamily, family_of_gguf_arch, gguf_family
-from packager.fingerprint import fingerprint_from_parts
+from packager.core.fingerprint import fingerprint_from_parts
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def router_array(reader, facts: GGUFModelFacts, layer_idx: int) -> np.ndarray:
 
 
 def gguf_fingerprint(reader, path: str | Path) -> str:
-    """packager.fingerprint's model fingerprint, computed from the GGUF's routers."""
+    """packager.core.fingerprint's model fingerprint, computed from the GGUF's routers."""
     facts = model_facts(reader, path)
     routers = (router_array(reader, facts, layer_idx) for layer_idx in facts.moe_layers)
     return fingerprint_from_parts(facts.family, facts.moe_layers, [facts.n_experts[i] for i in facts.moe_layers],

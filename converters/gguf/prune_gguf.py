@@ -20,11 +20,11 @@ from converters.gguf.export import chat_template_for_plan, write_gguf
 from converters.gguf.families import KEY_FINGERPRINT, KEY_PARENT_FINGERPRINT, KEY_PLAN, KEY_SOURCE
 from converters.gguf.gguf_file import GGUFModelFacts, field_value, gguf_fingerprint, model_facts, open_gguf
 from packager import __version__
-from packager.arch import load_arch
-from packager.errors import OutputExistsError, PlanError
-from packager.fingerprint import fingerprint_from_parts
-from packager.plan_file import Plan, validate_plan
-from packager.provenance import created_unix
+from packager.core.arch import load_arch
+from packager.core.errors import OutputExistsError, PlanError
+from packager.core.fingerprint import fingerprint_from_parts
+from packager.core.plan_file import Plan, validate_plan
+from packager.core.provenance import created_unix
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from converters.gguf.errors import QuantizeError
-from packager.errors import OutputExistsError
+from packager.core.errors import OutputExistsError
 
 logger = logging.getLogger(__name__)
 

@@ -654,7 +654,7 @@ class DecoderBuilder:
             x = g.op("Add", [x, h], name=f"layers.{layer_idx}/out")
             if progress is not None:
                 progress(layer_idx, n_layers)
-            from packager.layer_stream import release_freed_memory
+            from packager.core.layer_stream import release_freed_memory
 
             release_freed_memory()
         norm = self.w.skeleton.model.norm

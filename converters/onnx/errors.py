@@ -2,7 +2,7 @@
 CLI prints them as one `error: ...` line)."""
 from __future__ import annotations
 
-from packager.errors import PackagerError
+from packager.core.errors import PackagerError
 
 
 class OnnxExportError(PackagerError):

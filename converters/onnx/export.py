@@ -31,14 +31,14 @@ from pathlib import Path
 from converters.onnx.errors import OnnxExportError
 from converters.onnx.options import DEFAULT_FORMULATION, DTYPES, FORMULATIONS, SUPPORTED_FAMILIES
 from converters.onnx.quantize import check_quant
-from packager.errors import OutputExistsError, PackagerError
+from packager.core.errors import OutputExistsError, PackagerError
 from runtime.atomic import atomic_output
 from runtime.memory import proc_status
 from runtime.backends import export_config_path
 from runtime.backends.onnx_backend import CONTRIB_OPS_NOTE, graph_input_names, graph_output_names
 from runtime.errors import EdgeError
 from runtime.schema import ExportConfig
-from packager.provenance import created_unix, versions
+from packager.core.provenance import created_unix, versions
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ def _load_model(model_dir: Path):
 
 
 def _parent_facts(model_dir: Path) -> tuple[str, str, dict | None]:
-    from packager.fingerprint import model_fingerprint
+    from packager.core.fingerprint import model_fingerprint
     from packager.prune import read_provenance
 
     fingerprint = model_fingerprint(model_dir)
@@ -170,7 +170,7 @@ def _parent_facts(model_dir: Path) -> tuple[str, str, dict | None]:
 
 
 def _input_files(model_dir: Path, hash_inputs: bool) -> dict:
-    from packager.fingerprint import file_sha256
+    from packager.core.fingerprint import file_sha256
 
     files = {}
     for path in sorted(model_dir.iterdir()):
@@ -222,9 +222,9 @@ def _contrib_ops(model) -> list[str]:
 
 def _check_budget(model_dir: Path) -> tuple[int, int]:
     """(float32 bytes of the weights, the most the transformers comparison may load)."""
-    from packager.arch import load_arch
-    from packager.checkpoint import CheckpointReader
-    from packager.execution import weight_bytes
+    from packager.core.arch import load_arch
+    from packager.core.checkpoint import CheckpointReader
+    from packager.core.execution import weight_bytes
 
     with CheckpointReader(model_dir) as reader:
         config = dict(reader.config)
@@ -263,7 +263,7 @@ def export_onnx(
     external_data_threshold_bytes: int = EXTERNAL_DATA_THRESHOLD_BYTES,
 ) -> Path:
     """Export `model_dir` to the directory `out_dir` (see the module docstring); returns it."""
-    from packager.arch import load_arch
+    from packager.core.arch import load_arch
     from runtime.prompt import PromptRenderer
 
     started = time.monotonic()

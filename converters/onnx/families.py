@@ -1,6 +1,6 @@
-"""What the ONNX decoder needs to know about each family beyond packager/arch: which named
+"""What the ONNX decoder needs to know about each family beyond packager/core/arch: which named
 graph pieces it is made of. Tensor locations, expert counts, dense layers and routing
-parameters come from packager.arch; module names are those of the transformers model
+parameters come from packager.core.arch; module names are those of the transformers model
 (converters.onnx.weights reads them from a meta-device skeleton).
 
 Pieces (converters/onnx/decoder.py):
@@ -21,7 +21,7 @@ Pieces (converters/onnx/decoder.py):
               "gpt_oss"       clamped gate * sigmoid(alpha * gate) * (clamped up + 1)
   shared      "sigmoid_gated" one shared expert scaled by sigmoid(x . w) (Qwen2-MoE)
               "plain"         shared experts (one MLP) added ungated (DeepSeek-V3)
-  routing     from packager.arch: softmax_topk / topk_softmax go to the MoE op as router logits;
+  routing     from packager.core.arch: softmax_topk / topk_softmax go to the MoE op as router logits;
               sigmoid_group (DeepSeek-V3: biased selection, group-limited top-k, unbiased renormalised
               and scaled weights) is computed with standard ops (`DecoderBuilder.sigmoid_group_weights`)
               and reaches the MoE op as log-weights, see PRECOMPUTED_ROUTING_NOTE

@@ -3,7 +3,7 @@ one expert at a time, as float32 numpy, read from the shards with pread.
 
 Names are those of the transformers model (its in-memory layout: per-expert keys stacked,
 MXFP4 blocks dequantised, quantized linears dequantised), taken from a skeleton whose
-parameters live on the meta device; where each lives on disk is packager.stream_weights's
+parameters live on the meta device; where each lives on disk is packager.core.stream_weights's
 business (`layer_sources`, `build_tensor`, `ShardFiles`), so this module adds no reader."""
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ class CheckpointWeights:
     def __init__(self, model_dir: Path):
         import torch
 
-        from packager.arch import load_arch
-        from packager.checkpoint import CheckpointReader
-        from packager.stream_weights import ShardFiles, TensorSource, _init_dtype_codes, build_skeleton, layer_sources
-        from packager.quant_formats import logical_tensors
+        from packager.core.arch import load_arch
+        from packager.core.checkpoint import CheckpointReader
+        from packager.core.stream_weights import ShardFiles, TensorSource, _init_dtype_codes, build_skeleton, layer_sources
+        from packager.core.quant_formats import logical_tensors
 
         _init_dtype_codes()
         self.model_dir = Path(model_dir)
@@ -79,7 +79,7 @@ class CheckpointWeights:
 
     # ------------------------------------------------------------------ reads
     def _build(self, name: str, rows: tuple[int, int] | None):
-        from packager.stream_weights import build_tensor
+        from packager.core.stream_weights import build_tensor
 
         source = self.sources.get(name)
         if source is None:

@@ -53,7 +53,7 @@ def calibrate_command(model: Path, data: tuple[Path, ...], pairs: str, out_path:
     """Record the routing statistics of MODEL (a Hugging Face directory or a .gguf file) on
     translation prompts."""
     from packager.calibration_data import CalibrationError, CalibrationSettings, parse_pair_list
-    from packager.errors import OutputExistsError
+    from packager.core.errors import OutputExistsError
 
     if out_path.exists() and not force:
         raise OutputExistsError(f"{out_path}: already exists: pass --force to overwrite it or choose another --out")

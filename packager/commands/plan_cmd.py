@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from packager.planning import ALLOCATIONS, DIRECTIONS, RANKERS
-from packager.stats import SPANS
+from packager.core.stats import SPANS
 
 
 @click.group("plan")
@@ -39,10 +39,10 @@ def create_command(stats_path: Path, langs: str, direction: str, drop_ratio: flo
                    out_path: Path, force: bool) -> None:
     """Write a plan (kept expert ids per MoE layer) for a language pack."""
     from packager import __version__
-    from packager.errors import OutputExistsError
-    from packager.fingerprint import file_sha256, model_fingerprint
+    from packager.core.errors import OutputExistsError
+    from packager.core.fingerprint import file_sha256, model_fingerprint
     from packager.planning import PlanSettings, make_plan
-    from packager.stats import RoutingStats, StatsError
+    from packager.core.stats import RoutingStats, StatsError
 
     if out_path.exists() and not force:
         raise OutputExistsError(f"{out_path}: already exists: pass --force to overwrite it or choose another --out")
@@ -70,7 +70,7 @@ def create_command(stats_path: Path, langs: str, direction: str, drop_ratio: flo
 
 
 def _n_experts_of(plan, override: int | None) -> int:
-    from packager.errors import PlanError
+    from packager.core.errors import PlanError
 
     n_experts = override or plan.meta.get("n_experts")
     if not isinstance(n_experts, int):
@@ -86,8 +86,8 @@ def _n_experts_of(plan, override: int | None) -> int:
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
 def compare_command(paths: tuple[Path, ...], samples: int, seed: int, n_experts: int | None, as_json: bool) -> None:
     """Global IoU of retained (layer, expert) pairs, next to random masks of the same sizes."""
-    from packager.errors import PlanError
-    from packager.plan_file import Plan
+    from packager.core.errors import PlanError
+    from packager.core.plan_file import Plan
     from packager.planning import compare_keeps
 
     if len(paths) < 2:
@@ -118,7 +118,7 @@ def compare_command(paths: tuple[Path, ...], samples: int, seed: int, n_experts:
 @click.option("--n-experts", default=None, type=int, help="experts per layer of the parent, if the plan does not say")
 def show_command(path: Path, n_experts: int | None) -> None:
     """Per-layer kept counts with a small bar view."""
-    from packager.plan_file import Plan
+    from packager.core.plan_file import Plan
 
     plan = Plan.load(path)
     total = _n_experts_of(plan, n_experts)
@@ -169,10 +169,10 @@ def search_command(stats_path: Path, model_dir: Path, dev_path: Path, langs: str
     """The best plan under budgets: grid + refinement in mask mode on a dev split; writes the plan,
     OUT.frontier.json and OUT.frontier.png."""
     from packager import __version__
-    from packager.errors import OutputExistsError
-    from packager.fingerprint import file_sha256
+    from packager.core.errors import OutputExistsError
+    from packager.core.fingerprint import file_sha256
     from packager.plan_search import Budgets, SearchError, SearchSettings, parse_size_budget, search, write_outputs
-    from packager.stats import RoutingStats
+    from packager.core.stats import RoutingStats
 
     if out_path.exists() and not force:
         raise OutputExistsError(f"{out_path}: already exists: pass --force to overwrite it or choose another --out")

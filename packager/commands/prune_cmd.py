@@ -52,14 +52,14 @@ def prune_command(model: str, plan_path: str, out_dir: str, force: bool, max_sha
                   hash_inputs: bool | None, dry_run: bool, reduce: str, stats_path: str | None, calib: tuple[str, ...],
                   merge_map_path: str | None, top_k: int | None) -> None:
     """Write a copy of MODEL that keeps only the experts listed in the plan."""
-    from packager.plan_file import Plan
+    from packager.core.plan_file import Plan
     from packager.prune import describe_prune, prune_checkpoint
 
     if top_k is not None and not dry_run:
         import shutil
         from pathlib import Path
 
-        from packager.errors import OutputExistsError
+        from packager.core.errors import OutputExistsError
         from packager.topk import reduce_top_k
 
         final = Path(out_dir)
@@ -82,7 +82,7 @@ def prune_command(model: str, plan_path: str, out_dir: str, force: bool, max_sha
         from pathlib import Path
 
         from packager.merge import MergeError, merge_prune
-        from packager.stats import RoutingStats
+        from packager.core.stats import RoutingStats
 
         if stats_path is None:
             raise MergeError("--reduce merge needs --stats (merge weights are the pack's routing mass)")

@@ -17,9 +17,9 @@ def stats_group() -> None:
 @click.option("--force", is_flag=True, help="overwrite --out if it exists")
 def merge_command(inputs: tuple[Path, ...], out_path: Path, force: bool) -> None:
     """Add statistics of the same model computed on different data (shards, machines)."""
-    from packager.errors import OutputExistsError
-    from packager.fingerprint import file_sha256
-    from packager.stats import RoutingStats, merge_stats
+    from packager.core.errors import OutputExistsError
+    from packager.core.fingerprint import file_sha256
+    from packager.core.stats import RoutingStats, merge_stats
 
     if out_path.exists() and not force:
         raise OutputExistsError(f"{out_path}: already exists: pass --force to overwrite it or choose another --out")
@@ -34,7 +34,7 @@ def merge_command(inputs: tuple[Path, ...], out_path: Path, force: bool) -> None
 @click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
 def show_command(path: Path) -> None:
     """Model, settings and token counts of a statistics file."""
-    from packager.stats import SEQUENCE, RoutingStats
+    from packager.core.stats import SEQUENCE, RoutingStats
 
     stats = RoutingStats.load(path)
     meta = stats.meta

@@ -1,7 +1,7 @@
 """Layer-streamed execution of a safetensors parent: run a model that does not fit in memory.
 
-Execution goes layer by layer over all sequences (packager.stream_weights builds the meta
-skeleton and reads the tensors; packager.execution decides whether to stream at all):
+Execution goes layer by layer over all sequences (packager.core.stream_weights builds the meta
+skeleton and reads the tensors; packager.core.execution decides whether to stream at all):
 
 1. the embedding rows of the tokens in use are read; a pass through the decoder with every
    layer replaced by a recorder gives each batch's embedded hidden states and the exact
@@ -28,9 +28,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from packager.errors import CheckpointError
-from packager.execution import StreamingError, numel, torch_dtype, torch_dtype_size
-from packager.stream_weights import (
+from packager.core.errors import CheckpointError
+from packager.core.execution import StreamingError, numel, torch_dtype, torch_dtype_size
+from packager.core.stream_weights import (
     ShardFiles, TensorSource, _init_dtype_codes, _module_path, _set_tensor, _to_meta, _to_meta_outer,
     build_skeleton, build_tensor, decoder_layers, layer_sources,
 )
@@ -184,8 +184,8 @@ class StreamedModel:
 
     def __init__(self, model_dir: str | os.PathLike, dtype: str = "float32", device: str = "cpu",
                  expert_group_bytes: int | None = None):
-        from packager.arch import load_arch
-        from packager.checkpoint import CheckpointReader
+        from packager.core.arch import load_arch
+        from packager.core.checkpoint import CheckpointReader
 
         _init_dtype_codes()
         bound_kernel_caches()
@@ -204,7 +204,7 @@ class StreamedModel:
                     _set_tensor(self.model, name, buf.to(device))
         self.layers = decoder_layers(self.model)
         self.files = ShardFiles(self.reader)
-        from packager.quant_formats import logical_tensors
+        from packager.core.quant_formats import logical_tensors
 
         logical = logical_tensors(self.reader)  # quantized linears under their logical weight names
         present = set(logical)

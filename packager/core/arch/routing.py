@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from packager.arch.spec import MoEArch
+    from packager.core.arch.spec import MoEArch
 
 
 def _masked(values: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:

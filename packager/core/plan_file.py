@@ -2,7 +2,7 @@
 
 On disk (JSON):
     {"format": "edge-packager-plan", "version": 1,
-     "model_fingerprint": "<sha256 of the parent, see packager.fingerprint>",
+     "model_fingerprint": "<sha256 of the parent, see packager.core.fingerprint>",
      "keep": {"<decoder layer index>": [sorted expert ids], ...},     # dense layers absent
      "meta": {"ranker": ..., "allocation": ..., "drop_ratio": ..., "languages": [...], ...}}
 
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from packager.checkpoint import atomic_write_json
-from packager.errors import PlanError
+from packager.core.checkpoint import atomic_write_json
+from packager.core.errors import PlanError
 
 PLAN_FORMAT = "edge-packager-plan"
 PLAN_VERSION = 1

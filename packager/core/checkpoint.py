@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from packager.errors import CheckpointError, OutputExistsError
+from packager.core.errors import CheckpointError, OutputExistsError
 from runtime.atomic import (  # noqa: F401 - the one implementation; atomic_write_bytes re-exported
     OUTPUT_ERRNOS, OutputError, atomic_write_bytes, atomic_write_json, fsync_dir, output_error)
 
@@ -153,7 +153,7 @@ class CheckpointReader:
                 self._tensors[name] = info
         if self._weight_map is not None:
             self._check_index()
-        from packager.quant_formats import scheme_from_config
+        from packager.core.quant_formats import scheme_from_config
 
         # the checkpoint's quantization (unknown methods are refused here, for every stage)
         self.quant = scheme_from_config(self.config, self.config_path)
@@ -385,7 +385,7 @@ class CheckpointWriter:
 
     def add_tensor(self, name: str, tensor) -> None:
         """A torch tensor or numpy array held in memory."""
-        from packager.fingerprint import tensor_to_bytes
+        from packager.core.fingerprint import tensor_to_bytes
 
         dtype, shape, data = tensor_to_bytes(tensor)
         self.add_bytes(name, dtype, shape, data)

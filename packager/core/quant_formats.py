@@ -4,7 +4,7 @@ how to check them, and how to dequantise them exactly (numpy, no transformers qu
 A checkpoint's `quantization_config.quant_method` selects one `QuantScheme`:
 
     none / mxfp4        no per-linear companions (GPT-OSS MXFP4 experts are fused tensors that
-                        packager/arch and packager/mxfp4.py describe)
+                        packager/core/arch and packager/core/mxfp4.py describe)
     fp8                 `W.weight` F8_E4M3 [out, in] + `W.weight_scale_inv` F32 (or UE8M0) per
                         block of `weight_block_size` (a ceil grid: the last block may be partial,
                         as in DeepSeek-V3) or one per tensor; dequantised = fp8 value x scale
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from packager.errors import CheckpointError
+from packager.core.errors import CheckpointError
 
 # methods whose linear layers the packager dequantises itself (calibration streams them)
 DEQUANTIZED_HERE = ("fp8", "gptq", "awq", "compressed-tensors")
@@ -296,7 +296,7 @@ class QuantLinear:
     scheme: QuantScheme
     logical: str                 # W.weight
     parts: dict[str, str]
-    infos: dict[str, Any]        # suffix -> packager.checkpoint.TensorInfo
+    infos: dict[str, Any]        # suffix -> packager.core.checkpoint.TensorInfo
     model_dir: Path
 
     @property
@@ -520,7 +520,7 @@ def write_dequantized(model_dir, out_dir, dtype: str = "float32", progress: bool
     a time and appears atomically. Side files (tokenizer, chat template, pruning.json) are copied."""
     import shutil
 
-    from packager.checkpoint import CONFIG_NAME, INDEX_NAME, CheckpointReader, CheckpointWriter, atomic_write_json
+    from packager.core.checkpoint import CONFIG_NAME, INDEX_NAME, CheckpointReader, CheckpointWriter, atomic_write_json
 
     numpy_dtype = {"float32": np.float32, "float16": np.float16}.get(dtype)
     if numpy_dtype is None and dtype != "bfloat16":

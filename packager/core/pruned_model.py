@@ -12,9 +12,9 @@ import logging
 import os
 from pathlib import Path
 
-from packager.arch import PER_LAYER_COUNTS_KEY, load_arch
-from packager.errors import CheckpointError
-from packager.quant_formats import DEQUANTIZED_HERE
+from packager.core.arch import PER_LAYER_COUNTS_KEY, load_arch
+from packager.core.errors import CheckpointError
+from packager.core.quant_formats import DEQUANTIZED_HERE
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,8 @@ def _load_dequantized(path: Path, **kwargs):
     import shutil
     import tempfile
 
-    from packager.checkpoint import CheckpointReader
-    from packager.quant_formats import logical_shape, logical_tensors, write_dequantized
+    from packager.core.checkpoint import CheckpointReader
+    from packager.core.quant_formats import logical_shape, logical_tensors, write_dequantized
 
     with CheckpointReader(path) as reader:
         need = sum(4 * _numel(logical_shape(reader, name)) for name in logical_tensors(reader))

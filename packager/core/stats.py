@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from packager.errors import PackagerError
+from packager.core.errors import PackagerError
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import hashlib
 from pathlib import Path
 
 PROJECT_PACKAGES = ("packager", "converters", "runtime")
-SOURCE_ROOT = Path(__file__).resolve().parents[1]
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
 DIGEST_PREFIX = b"edge-packager-code-v1\n"
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from packager.errors import CheckpointError
+from packager.core.errors import CheckpointError
 from runtime.file_hash import file_sha256  # noqa: F401 - re-exported: the build side's callers import it here
 
 FINGERPRINT_PREFIX = b"edge-packager-fingerprint-v1\n"
@@ -90,8 +90,8 @@ def fingerprint_from_parts(family: str, moe_layers: list[int], n_experts: list[i
 
 def model_fingerprint(model_dir) -> str:
     """Fingerprint of a safetensors checkpoint directory (or an open CheckpointReader)."""
-    from packager.arch import load_arch
-    from packager.checkpoint import CheckpointReader
+    from packager.core.arch import load_arch
+    from packager.core.checkpoint import CheckpointReader
 
     reader = model_dir if isinstance(model_dir, CheckpointReader) else CheckpointReader(model_dir)
     try:

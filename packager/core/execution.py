@@ -1,5 +1,5 @@
 """How calibration runs a transformers parent: whole in memory or streamed layer by layer
-(packager.layer_stream), and where. The one place that knows about devices, free memory and
+(packager.core.layer_stream), and where. The one place that knows about devices, free memory and
 the size of the weights at a compute dtype."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from packager.errors import PackagerError
+from packager.core.errors import PackagerError
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def weight_bytes(reader, arch, config: dict, dtype: str) -> dict:
         for role, name in arch.fused_expert_names(layer_idx).items():
             if role in arch.packed_params_per_element:
                 packed[name] = arch.packed_params_per_element[role]
-    from packager.quant_formats import logical_shape, logical_tensors
+    from packager.core.quant_formats import logical_shape, logical_tensors
 
     prefix = layer_prefix_template(reader.config)
     per_layer: dict[int, int] = {}
@@ -129,8 +129,8 @@ class Execution:
 def choose_execution(model_dir: Path, dtype: str, device: str = "auto", forced: str = "auto") -> Execution:
     """Whole-model execution when the model fits the device with room to spare, else streamed.
     `forced` ('whole' / 'streamed') overrides the choice; the reason says which happened."""
-    from packager.arch import load_arch
-    from packager.checkpoint import CheckpointReader
+    from packager.core.arch import load_arch
+    from packager.core.checkpoint import CheckpointReader
 
     if forced not in ("auto", "whole", "streamed"):
         raise StreamingError(f"--execution {forced!r}: use auto, whole or streamed")
@@ -145,7 +145,7 @@ def choose_execution(model_dir: Path, dtype: str, device: str = "auto", forced: 
     gib = 1024**3
     if quant.dequantized_here:
         # transformers' loaders for these formats need accelerate and GPU kernels; the streamed
-        # path dequantises each linear itself (packager.quant_formats)
+        # path dequantises each linear itself (packager.core.quant_formats)
         if forced == "whole":
             raise StreamingError(f"--execution whole: {model_dir} is a {quant.label} checkpoint, which runs streamed "
                                  "(dequantised layer by layer by the packager); use --execution auto or streamed")

@@ -8,7 +8,7 @@ class PackagerError(Exception):
 
 
 class UnsupportedArchitecture(PackagerError):
-    """The checkpoint's model_type has no architecture description in packager/arch/."""
+    """The checkpoint's model_type has no architecture description in packager/core/arch/."""
 
 
 class CheckpointError(PackagerError):

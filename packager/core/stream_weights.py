@@ -1,8 +1,8 @@
 """The weights of a streamed run: a transformers skeleton with its parameters on the meta device,
-where each in-memory tensor lives on disk (packager.arch facts: router names, per-expert, fused,
+where each in-memory tensor lives on disk (packager.core.arch facts: router names, per-expert, fused,
 MXFP4 and quantized layouts), reading tensors with pread into ordinary memory (no memory map
 growing with the checkpoint), building the in-memory tensors, and freeing them again. Used by
-streamed calibration (packager.layer_stream) and the streaming ONNX export."""
+streamed calibration (packager.core.layer_stream) and the streaming ONNX export."""
 from __future__ import annotations
 
 import logging
@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from packager.errors import CheckpointError
-from packager.execution import StreamingError, torch_dtype
+from packager.core.errors import CheckpointError
+from packager.core.execution import StreamingError, torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class TensorSource:
     kind: str                      # "direct" | "stack" | "mxfp4" | "dequant"
     names: tuple[tuple[str, ...], ...]  # direct: ((name,),); stack: per expert (part, ...); mxfp4: ((blocks, scales),)
     # dequant: like direct or stack (per expert (part, ...)), but the names are logical weights of
-    # quantized linears (packager.quant_formats), dequantised on read; `physical` lists their files' tensors
+    # quantized linears (packager.core.quant_formats), dequantised on read; `physical` lists their files' tensors
     physical: tuple[str, ...] = ()
 
     def disk_names(self) -> list[str]:
@@ -100,7 +100,7 @@ def layer_sources(arch, config: dict, layer_idx: int, targets: Sequence[str], pr
                   quantized: dict | None = None) -> dict[str, TensorSource]:
     """Disk sources of the in-memory tensors `targets` (full names) of decoder layer `layer_idx`.
     `present` holds the checkpoint's logical tensor names; `quantized` maps the logical weight of
-    each quantized linear to its on-disk parts (packager.quant_formats.logical_tensors).
+    each quantized linear to its on-disk parts (packager.core.quant_formats.logical_tensors).
 
     Raises CheckpointError naming every tensor that has no source."""
     sources: dict[str, TensorSource] = {}
@@ -235,7 +235,7 @@ def build_tensor(files: ShardFiles, source: TensorSource, like, dtype, rows: tup
     elif source.kind == "dequant":
         out = _dequantized(files, source, shape, dtype, rows)
     elif source.kind == "mxfp4":
-        from packager.mxfp4 import dequantize_mxfp4
+        from packager.core.mxfp4 import dequantize_mxfp4
 
         blocks_name, scales_name = source.names[0]
         blocks, scales = files.read(blocks_name, rows), files.read(scales_name, rows)
@@ -258,7 +258,7 @@ def _dequantized(files: ShardFiles, source: TensorSource, shape: list[int], dtyp
     exact, then the compute dtype): a single weight, or experts stacked like "stack"."""
     import torch
 
-    from packager.quant_formats import logical_tensors
+    from packager.core.quant_formats import logical_tensors
 
     linears = logical_tensors(files.reader)
 

@@ -12,7 +12,7 @@ from importlib import resources
 from string import Template
 from typing import Any
 
-from packager.errors import CheckpointError, UnsupportedArchitecture
+from packager.core.errors import CheckpointError, UnsupportedArchitecture
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def _expand(template: str, **values: int) -> str:
 
 @dataclass(frozen=True)
 class MoEArch:
-    """Declarative description of one MoE family (see packager/arch/*.json)."""
+    """Declarative description of one MoE family (see packager/core/arch/*.json)."""
 
     family: str
     model_types: tuple[str, ...]
@@ -275,8 +275,8 @@ class MoEArch:
 
     # ---------------------------------------------------------------- routing
     def route(self, router_logits, config: Any, bias=None, allowed=None):
-        """Reference routing of this family: (topk_idx, topk_weight). See packager.arch.routing."""
-        from packager.arch.routing import route
+        """Reference routing of this family: (topk_idx, topk_weight). See packager.core.arch.routing."""
+        from packager.core.arch.routing import route
 
         return route(self, router_logits, config, bias=bias, allowed=allowed)
 
@@ -342,7 +342,7 @@ def _parse(data: dict, source: str) -> MoEArch:
 @lru_cache(maxsize=1)
 def _registry() -> dict[str, MoEArch]:
     by_model_type: dict[str, MoEArch] = {}
-    for entry in sorted(resources.files("packager.arch").iterdir(), key=lambda p: p.name):
+    for entry in sorted(resources.files("packager.core.arch").iterdir(), key=lambda p: p.name):
         if not entry.name.endswith(".json"):
             continue
         arch = _parse(json.loads(entry.read_text(encoding="utf-8")), entry.name)

@@ -1,10 +1,10 @@
 """Architecture adapters: one JSON description per MoE family (package data), one loader.
 
-    from packager.arch import load_arch, MoEArch, UnsupportedArchitecture
+    from packager.core.arch import load_arch, MoEArch, UnsupportedArchitecture
     arch = load_arch(config_dict)
 """
-from packager.arch.spec import PER_LAYER_COUNTS_KEY, MoEArch, config_dict, load_arch, supported_families
-from packager.errors import UnsupportedArchitecture
+from packager.core.arch.spec import PER_LAYER_COUNTS_KEY, MoEArch, config_dict, load_arch, supported_families
+from packager.core.errors import UnsupportedArchitecture
 
 __all__ = [
     "PER_LAYER_COUNTS_KEY",
