@@ -4,6 +4,14 @@
 within 1e-4 (tests/test_gguf.py, tiny models; measured 1e-6 to 4e-6): F32 KV cache and flash
 attention off. Without it the KV cache is F16,
 as llama.cpp users run it.
+
+`max_batch=N` lets `generate_batch` decode up to N sequences together: one llama_batch holds
+every prompt (distinct seq ids), then each step holds one token per live sequence. The KV
+cache is split per sequence (kv_unified off: each sequence has its own n_ctx cells, laid out as
+when it runs alone), so it is N times larger. Greedy output is the same as one at a time up to
+float rounding: llama.cpp multiplies a batch of several rows with a different kernel than one
+row (its sgemm only runs for 2+ rows), so logits differ in the last bits and a near-tie between
+the top two tokens can flip (tests/test_translate_text.py, bench/translate_bench.py).
 """
 from __future__ import annotations
 
@@ -11,13 +19,14 @@ import ctypes
 import logging
 import os
 import sys
+import time
 from collections import deque
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from runtime.backends.base import Backend
+from runtime.backends.base import GREEDY, Backend, Sampling, choose_token
 from runtime.errors import BackendError
 from runtime.schema import ExportConfig
 
@@ -25,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_N_CTX = 2048
+MAX_SEQUENCES = 64  # per context; llama.cpp allows 256 (LLAMA_MAX_SEQ), more buys nothing on a CPU
 
 
 _LOG_CALLBACK = None  # keeps the ctypes callback alive while llama.cpp holds it
@@ -159,10 +169,14 @@ class LlamaCppBackend(Backend):
         n_ctx: int = DEFAULT_N_CTX,
         parity: bool = False,
         flash_attn: bool = False,
+        max_batch: int = 1,
     ):
         super().__init__(config, n_threads=n_threads or max(1, os.cpu_count() or 1))
         llama_cpp = llama_module()
         self.path = Path(model_path)
+        if not 1 <= max_batch <= MAX_SEQUENCES:
+            raise BackendError(f"max_batch must be between 1 and {MAX_SEQUENCES}, got {max_batch}")
+        self.max_batch = max_batch
         self._model = _Model(self.path)
         self._ctx = None
         self._batch = None
@@ -170,10 +184,12 @@ class LlamaCppBackend(Backend):
         self._n_ctx = min(n_ctx, train_ctx) if train_ctx > 0 else n_ctx
 
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = self._n_ctx
-        params.n_batch = self._n_ctx
+        # one stream of n_ctx cells per sequence (llama.cpp divides n_ctx by n_seq_max)
+        params.n_ctx = self._n_ctx * max_batch
+        params.n_batch = params.n_ctx  # every prompt of a batch in one llama_decode call
         params.n_ubatch = min(512, self._n_ctx)
-        params.n_seq_max = 1
+        params.n_seq_max = max_batch
+        params.kv_unified = False
         params.n_threads = params.n_threads_batch = self.n_threads
         params.no_perf = True
         params.flash_attn_type = (
@@ -185,7 +201,10 @@ class LlamaCppBackend(Backend):
         if not self._ctx:
             self.close()
             raise BackendError(f"{self.path}: llama.cpp could not create a context (n_ctx={self._n_ctx}); try a smaller context")
-        self._batch = llama_cpp.llama_batch_init(self._n_ctx, 0, 1)
+        if llama_cpp.llama_n_ctx_seq(self._ctx) < self._n_ctx:  # pragma: no cover - llama.cpp pads it up
+            self.close()
+            raise BackendError(f"{self.path}: llama.cpp gave each sequence fewer than {self._n_ctx} cells")
+        self._batch = llama_cpp.llama_batch_init(self._n_ctx * max_batch, 0, 1)
         self._n_past = 0
         logger.debug("llama.cpp: %s loaded, n_ctx=%d, parity=%s", self.path, self._n_ctx, parity)
 
@@ -221,32 +240,40 @@ class LlamaCppBackend(Backend):
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
         self._n_past = 0
 
-    def _decode(self, token_ids: Sequence[int], all_logits: bool) -> np.ndarray:
-        """Append tokens to the sequence; logits of every new position or of the last one."""
+    def _submit(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int],
+                wanted: Sequence[bool]) -> np.ndarray:
+        """One llama_decode of tokens (each with its position and sequence id); the logits of the
+        `wanted` entries, in order."""
         llama_cpp = llama_module()
-        if self._n_past + len(token_ids) > self._n_ctx:
-            raise BackendError(f"sequence of {self._n_past + len(token_ids)} tokens exceeds the context of {self._n_ctx}")
-        vocab_bad = [t for t in token_ids if not 0 <= int(t) < self.n_vocab]
+        vocab_bad = [t for t in tokens if not 0 <= int(t) < self.n_vocab]
         if vocab_bad:
             raise BackendError(f"token id(s) {vocab_bad[:5]} outside the vocabulary of {self.n_vocab}")
         batch = self._batch
-        n = len(token_ids)
-        batch.n_tokens = n
-        for i, token in enumerate(token_ids):
+        batch.n_tokens = len(tokens)
+        for i, (token, pos, seq, want) in enumerate(zip(tokens, positions, seqs, wanted)):
             batch.token[i] = int(token)
-            batch.pos[i] = self._n_past + i
+            batch.pos[i] = pos
             batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = 1 if (all_logits or i == n - 1) else 0
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = 1 if want else 0
         rc = llama_cpp.llama_decode(self._ctx, batch)
         if rc != 0:
             raise BackendError(f"{self.path}: llama_decode failed with code {rc}")
-        self._n_past += n
-        rows = range(n) if all_logits else [n - 1]
+        rows = [i for i, want in enumerate(wanted) if want]
         out = np.empty((len(rows), self.n_vocab), dtype=np.float32)
         for row, i in enumerate(rows):
             ptr = llama_cpp.llama_get_logits_ith(self._ctx, i)
             out[row] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return out
+
+    def _decode(self, token_ids: Sequence[int], all_logits: bool) -> np.ndarray:
+        """Append tokens to sequence 0; logits of every new position or of the last one."""
+        if self._n_past + len(token_ids) > self._n_ctx:
+            raise BackendError(f"sequence of {self._n_past + len(token_ids)} tokens exceeds the context of {self._n_ctx}")
+        n = len(token_ids)
+        out = self._submit(token_ids, range(self._n_past, self._n_past + n), [0] * n,
+                           [all_logits or i == n - 1 for i in range(n)])
+        self._n_past += n
         return out
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
@@ -261,6 +288,62 @@ class LlamaCppBackend(Backend):
 
     def _step(self, token_id: int) -> np.ndarray:
         return self._decode([token_id], all_logits=False)[0]
+
+    def generate_batch(self, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
+                       sampling: Sampling = GREEDY) -> list[list[int]]:
+        """Up to `max_batch` prompts decoded together (see the module doc), in groups."""
+        if self.max_batch == 1 or len(prompts) <= 1:
+            return super().generate_batch(prompts, budgets, sampling)
+        out: list[list[int]] = []
+        for start in range(0, len(prompts), self.max_batch):
+            end = start + self.max_batch
+            out += self._generate_group(prompts[start:end], budgets[start:end], sampling)
+        return out
+
+    def _generate_group(self, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
+                        sampling: Sampling) -> list[list[int]]:
+        """`generate_ids` for each prompt (same stops, budgets and per-prompt random stream),
+        prompt i in sequence i: every prompt in one batch, then one token per live sequence."""
+        for prompt in prompts:
+            if not prompt:
+                raise BackendError("cannot generate from an empty prompt")
+            if len(prompt) >= self._n_ctx:
+                raise BackendError(f"prompt of {len(prompt)} tokens does not fit the context of {self._n_ctx} tokens")
+        stop = self.stop_ids
+        limits = [min(budget, self._n_ctx - len(prompt)) for prompt, budget in zip(prompts, budgets)]
+        rngs = [np.random.default_rng(sampling.seed) for _ in prompts]
+        outputs: list[list[int]] = [[] for _ in prompts]
+        self._clear()  # the next _start clears again: sequence 0 is one of ours meanwhile
+        live = [seq for seq, limit in enumerate(limits) if limit > 0]
+        tokens, positions, seqs, wanted = [], [], [], []
+        for seq in live:
+            n = len(prompts[seq])
+            tokens += prompts[seq]
+            positions += range(n)
+            seqs += [seq] * n
+            wanted += [False] * (n - 1) + [True]
+        started = time.perf_counter()
+        logits = self._submit(tokens, positions, seqs, wanted) if live else None
+        self.timings.prefill_seconds += time.perf_counter() - started
+        self.timings.prefill_tokens += len(tokens)
+        while live:
+            step = []
+            for row, seq in enumerate(live):
+                token = choose_token(logits[row], sampling, rngs[seq])
+                if token in stop:
+                    continue
+                outputs[seq].append(token)
+                if len(outputs[seq]) < limits[seq]:
+                    step.append((seq, token))
+            if not step:
+                break
+            live = [seq for seq, _ in step]
+            started = time.perf_counter()
+            logits = self._submit([token for _, token in step], [len(prompts[s]) + len(outputs[s]) - 1 for s in live],
+                                  live, [True] * len(step))
+            self.timings.decode_seconds += time.perf_counter() - started
+            self.timings.decode_tokens += len(step)
+        return outputs
 
     def close(self) -> None:
         llama_cpp = llama_module()
