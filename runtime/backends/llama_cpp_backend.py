@@ -6,9 +6,9 @@ attention off. Without it the KV cache is F16,
 as llama.cpp users run it.
 
 `max_batch=N` lets `generate_batch` decode up to N sequences together: one llama_batch holds
-every prompt (distinct seq ids), then each step holds one token per live sequence. The KV
-cache is split per sequence (kv_unified off: each sequence has its own n_ctx cells, laid out as
-when it runs alone), so it is N times larger. Greedy output is the same as one at a time up to
+every prompt (distinct seq ids), then each step holds one token per live sequence. The
+sequences share the context's KV cells (kv_unified: no more memory than one sequence), so a
+group holds as many prompts as their prompt + generation budgets fit in n_ctx. Greedy output is the same as one at a time up to
 float rounding: llama.cpp multiplies a batch of several rows with a different kernel than one
 row (its sgemm only runs for 2+ rows), so logits differ in the last bits and a near-tie between
 the top two tokens can flip (tests/test_translate_text.py, bench/translate_bench.py).
@@ -184,12 +184,12 @@ class LlamaCppBackend(Backend):
         self._n_ctx = min(n_ctx, train_ctx) if train_ctx > 0 else n_ctx
 
         params = llama_cpp.llama_context_default_params()
-        # one stream of n_ctx cells per sequence (llama.cpp divides n_ctx by n_seq_max)
-        params.n_ctx = self._n_ctx * max_batch
-        params.n_batch = params.n_ctx  # every prompt of a batch in one llama_decode call
+        params.n_ctx = self._n_ctx
+        params.n_batch = self._n_ctx  # a whole group of prompts in one llama_decode call
         params.n_ubatch = min(512, self._n_ctx)
+        # the sequences of a batch share the n_ctx cells (split streams would need n_ctx each)
         params.n_seq_max = max_batch
-        params.kv_unified = False
+        params.kv_unified = True
         params.n_threads = params.n_threads_batch = self.n_threads
         params.no_perf = True
         params.flash_attn_type = (
@@ -201,10 +201,7 @@ class LlamaCppBackend(Backend):
         if not self._ctx:
             self.close()
             raise BackendError(f"{self.path}: llama.cpp could not create a context (n_ctx={self._n_ctx}); try a smaller context")
-        if llama_cpp.llama_n_ctx_seq(self._ctx) < self._n_ctx:  # pragma: no cover - llama.cpp pads it up
-            self.close()
-            raise BackendError(f"{self.path}: llama.cpp gave each sequence fewer than {self._n_ctx} cells")
-        self._batch = llama_cpp.llama_batch_init(self._n_ctx * max_batch, 0, 1)
+        self._batch = llama_cpp.llama_batch_init(self._n_ctx, 0, 1)
         self._n_past = 0
         logger.debug("llama.cpp: %s loaded, n_ctx=%d, parity=%s", self.path, self._n_ctx, parity)
 
@@ -291,13 +288,22 @@ class LlamaCppBackend(Backend):
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
                        sampling: Sampling = GREEDY) -> list[list[int]]:
-        """Up to `max_batch` prompts decoded together (see the module doc), in groups."""
+        """Prompts decoded together in groups (see the module doc): in order, up to `max_batch`
+        per group and as many as fit the context with their whole generation budget."""
         if self.max_batch == 1 or len(prompts) <= 1:
             return super().generate_batch(prompts, budgets, sampling)
         out: list[list[int]] = []
-        for start in range(0, len(prompts), self.max_batch):
-            end = start + self.max_batch
+        start = 0
+        while start < len(prompts):
+            end, used = start, 0
+            while end < len(prompts) and end - start < self.max_batch:
+                need = len(prompts[end]) + max(0, min(budgets[end], self._n_ctx - len(prompts[end])))
+                if end > start and used + need > self._n_ctx:
+                    break
+                used += need
+                end += 1
             out += self._generate_group(prompts[start:end], budgets[start:end], sampling)
+            start = end
         return out
 
     def _generate_group(self, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
