@@ -14,7 +14,9 @@ Every text is handled the same way (`TextTranslator`, also what `packager verify
 2. each piece's placeholders, markup, entities, escapes and emoji become sentinels
    (runtime.protect); a translation that loses or repeats a sentinel is redone by translating the
    text around the spans (`stats.sentinel_fallbacks` counts these);
-3. pieces are decoded `batch_size` at a time (backends that decode sequences together do);
+3. pieces go to the backend `batch_size` at a time; `Translator` opens the backend with
+   `max_batch=batch_size`, so both backends decode them together (see `generate_batch` of
+   llama_cpp_backend / onnx_backend for how, and how close that is to one at a time);
 4. one piece that fails (a backend error) is passed through and warned about; the rest go on.
 Output line N is the translation of input line N: a text keeps its line count.
 """
@@ -235,7 +237,7 @@ class Translator:
     """A bundle (or export, or model file) opened for translation. `src`/`tgt` set defaults for
     `translate` and `translate_po`. A bundle is checked first (manifest digest, direction when
     given, sha256 of every file). Options: see `TextTranslator`; other keyword arguments go to
-    the backend (e.g. `n_ctx`)."""
+    the backend (e.g. `n_ctx`; `max_batch` defaults to `batch_size`)."""
 
     def __init__(self, model: str | os.PathLike, threads: int | None = None, *, src: str | None = None,
                  tgt: str | None = None, protect: bool = True, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
@@ -246,6 +248,7 @@ class Translator:
         self.src = parse_language(src) if src else None
         self.tgt = parse_language(tgt) if tgt else None
         self.bundle = None
+        backend_options.setdefault("max_batch", batch_size)
         if is_bundle(model):
             path = Path(model)
             root = _extract(path, None) if path.is_file() else path

@@ -3,17 +3,25 @@ cache. No torch, no transformers: `tokenizers` for text, numpy for the cache.
 
 This module is also the one place for the graph's input/output names; the exporter imports
 them from here, so both sides always agree.
+
+`max_batch=N` lets `generate_batch` decode up to N sequences together: the graph takes a batch
+dimension, an attention mask over past + new positions (0 = padding) and explicit position ids,
+so prompts are left-padded to the longest (each row's positions start at 0) and each step feeds
+one token per live sequence; a finished sequence's rows leave the KV cache. Greedy output is
+the same as one at a time up to float rounding (padded attention rows and batched matrix shapes
+sum in another order), so a near-tie between the top two tokens can flip.
 """
 from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 import numpy as np
 
-from runtime.backends.base import Backend
+from runtime.backends.base import GREEDY, Backend, Sampling, choose_token
 from runtime.errors import BackendError
 from runtime.schema import ExportConfig
 
@@ -72,9 +80,12 @@ class OnnxBackend(Backend):
     format = "onnx"
 
     def __init__(self, model_path: Path, config: ExportConfig, n_threads: int | None = None, *,
-                 n_ctx: int | None = None, optimization: str = "all"):
+                 n_ctx: int | None = None, optimization: str = "all", max_batch: int = 1):
         super().__init__(config, n_threads=n_threads or max(1, os.cpu_count() or 1))
         self.path = Path(model_path)
+        if max_batch < 1:
+            raise BackendError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_batch = max_batch
         extra = config.extra
         try:
             self.n_layers = int(extra["n_layers"])
@@ -179,25 +190,28 @@ class OnnxBackend(Backend):
     def detokenize(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode([int(t) for t in token_ids], skip_special_tokens=True)
 
-    def _empty_past(self) -> list[np.ndarray]:
-        shape = (1, self.n_kv_heads, 0, self.head_dim)
+    def _empty_past(self, batch: int = 1) -> list[np.ndarray]:
+        shape = (batch, self.n_kv_heads, 0, self.head_dim)
         return [np.zeros(shape, dtype=np.float32) for _ in range(2 * self.n_layers)]
 
     def _run(self, token_ids: Sequence[int], past: list[np.ndarray], n_past: int) -> tuple[np.ndarray, list[np.ndarray]]:
         n_new = len(token_ids)
         if n_past + n_new > self._n_ctx:
             raise BackendError(f"sequence of {n_past + n_new} tokens exceeds the context of {self._n_ctx}")
-        bad = [int(t) for t in token_ids if not 0 <= int(t) < self._n_vocab]
+        logits, present = self._run_batch(np.asarray([token_ids], dtype=np.int64), np.ones((1, n_past + n_new), dtype=np.int64),
+                                          np.arange(n_past, n_past + n_new, dtype=np.int64)[None], past)
+        return logits[0], present
+
+    def _run_batch(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray,
+                   past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One graph run: ids/positions [B, S], mask [B, P+S]; logits [B, S, V] and the new cache."""
+        bad = [int(t) for t in ids.ravel() if not 0 <= int(t) < self._n_vocab]
         if bad:
             raise BackendError(f"token id(s) {bad[:5]} outside the vocabulary of {self._n_vocab}")
-        feeds = {
-            INPUT_IDS: np.asarray([token_ids], dtype=np.int64),
-            ATTENTION_MASK: np.ones((1, n_past + n_new), dtype=np.int64),
-            POSITION_IDS: np.arange(n_past, n_past + n_new, dtype=np.int64)[None],
-        }
+        feeds = {INPUT_IDS: ids, ATTENTION_MASK: mask, POSITION_IDS: positions}
         feeds.update(zip(past_names(self.n_layers), past))
         outputs = self.session.run(self._output_names, feeds)
-        return outputs[0][0], outputs[1:]
+        return outputs[0], outputs[1:]
 
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         if not token_ids:
@@ -216,6 +230,71 @@ class OnnxBackend(Backend):
         logits, self._past = self._run([token_id], self._past, self._n_past)
         self._n_past += 1
         return logits[-1]
+
+    def generate_batch(self, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
+                       sampling: Sampling = GREEDY) -> list[list[int]]:
+        """Up to `max_batch` prompts decoded together (see the module doc), in groups."""
+        if self.max_batch == 1 or len(prompts) <= 1:
+            return super().generate_batch(prompts, budgets, sampling)
+        out: list[list[int]] = []
+        for start in range(0, len(prompts), self.max_batch):
+            end = start + self.max_batch
+            out += self._generate_group(prompts[start:end], budgets[start:end], sampling)
+        return out
+
+    def _generate_group(self, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
+                        sampling: Sampling) -> list[list[int]]:
+        """`generate_ids` for each prompt (same stops, budgets, per-prompt random stream), as rows
+        of one batch: prompts left-padded (mask 0), then one token per live row per step."""
+        for prompt in prompts:
+            if not prompt:
+                raise BackendError("cannot generate from an empty prompt")
+            if len(prompt) >= self._n_ctx:
+                raise BackendError(f"prompt of {len(prompt)} tokens does not fit the context of {self._n_ctx} tokens")
+        stop = self.stop_ids
+        limits = [min(budget, self._n_ctx - len(prompt)) for prompt, budget in zip(prompts, budgets)]
+        rngs = [np.random.default_rng(sampling.seed) for _ in prompts]
+        outputs: list[list[int]] = [[] for _ in prompts]
+        live = [seq for seq, limit in enumerate(limits) if limit > 0]
+        if not live:
+            return outputs
+        width = max(len(prompts[seq]) for seq in live)
+        ids = np.zeros((len(live), width), dtype=np.int64)
+        mask = np.zeros((len(live), width), dtype=np.int64)
+        positions = np.zeros((len(live), width), dtype=np.int64)
+        for row, seq in enumerate(live):
+            n = len(prompts[seq])
+            ids[row, width - n:] = prompts[seq]
+            mask[row, width - n:] = 1
+            positions[row, width - n:] = np.arange(n)
+        started = time.perf_counter()
+        logits, past = self._run_batch(ids, mask, positions, self._empty_past(len(live)))
+        logits = logits[:, -1]
+        self.timings.prefill_seconds += time.perf_counter() - started
+        self.timings.prefill_tokens += sum(len(prompts[seq]) for seq in live)
+        while True:
+            rows, tokens = [], []
+            for row, seq in enumerate(live):
+                token = choose_token(logits[row], sampling, rngs[seq])
+                if token in stop:
+                    continue
+                outputs[seq].append(token)
+                if len(outputs[seq]) < limits[seq]:
+                    rows.append(row)
+                    tokens.append(token)
+            if not rows:
+                return outputs
+            if len(rows) < len(live):  # finished rows leave the batch and the cache
+                past, mask = [p[rows] for p in past], mask[rows]
+                live = [live[row] for row in rows]
+            # the padded width may pass n_ctx; each row's own positions stay within its limit
+            mask = np.concatenate([mask, np.ones((len(live), 1), dtype=np.int64)], axis=1)
+            step_positions = np.asarray([[len(prompts[seq]) + len(outputs[seq]) - 1] for seq in live], dtype=np.int64)
+            started = time.perf_counter()
+            logits, past = self._run_batch(np.asarray(tokens, dtype=np.int64)[:, None], mask, step_positions, past)
+            logits = logits[:, -1]
+            self.timings.decode_seconds += time.perf_counter() - started
+            self.timings.decode_tokens += len(live)
 
     def close(self) -> None:
         self._past = None
