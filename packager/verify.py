@@ -206,7 +206,8 @@ def _worker(job_path: str, out_path: str) -> int:
             raw = plain.translate_detailed(segment["src"], segment["src_lang"], segment["tgt_lang"]) if changed else ours
             results.append({"hyp": ours["hyp"].strip(), "new_tokens": ours["new_tokens"], "hit_limit": ours["hit_limit"],
                             "too_long": ours["passed_through"] > 0, "pieces": ours["pieces"], "protected": changed,
-                            "sentinel_fallbacks": ours["sentinel_fallbacks"], "hyp_unprotected": raw["hyp"].strip()})
+                            "sentinel_retries": ours["sentinel_retries"], "sentinel_fallbacks": ours["sentinel_fallbacks"],
+                            "hyp_unprotected": raw["hyp"].strip()})
             print(f"progress {index + 1}", flush=True)
         wall = time.perf_counter() - started
         sampler.stop()
@@ -397,6 +398,7 @@ def protection_scores(rows: Sequence[Segment], outputs: Sequence[dict], errors: 
     return {
         "segments_with_placeholders": n_having,
         "segments_protected": sum(1 for o in outputs if o.get("protected")),
+        "sentinel_retries": sum(o.get("sentinel_retries", 0) for o in outputs),
         "sentinel_fallbacks": sum(o.get("sentinel_fallbacks", 0) for o in outputs),
         "with": {"chrf++": corpus_scores([o["hyp"] for o in outputs], refs, tgt_lang)["chrf++"],
                  "lost_placeholder": sum(lost_with), "lost_placeholder_rate": rate(lost_with),
