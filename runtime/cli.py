@@ -139,7 +139,7 @@ def _translate_lines(translator, lines, src, tgt, output: _Output, jsonl: tuple[
 @click.option("--segment-chars", type=click.IntRange(min=20), default=400, show_default=True,
               help="cut lines longer than this into sentences (lines longer than the context always are)")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
-              help="pieces decoded together where the backend can")
+              help="pieces decoded together (both backends batch them)")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: all cores)")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0.0), default=0.0, show_default=True, help="0 = greedy")
@@ -210,8 +210,9 @@ def _run(model, text, src, tgt, file, jsonl, po, out, overwrite, encoding_errors
             t, s = translator.backend.timings, translator.stats
             click.echo(
                 f"load {t.load_seconds:.2f} s, prefill {t.prefill_tokens_per_second:.1f} tok/s, "
-                f"decode {t.decode_tokens_per_second:.1f} tok/s; {s.pieces} pieces, {s.sentinel_fallbacks} placeholder "
-                f"fallbacks, {s.passed_through + s.failed} copied untranslated",
+                f"decode {t.decode_tokens_per_second:.1f} tok/s; {s.pieces} pieces, "
+                f"{s.sentinel_retries} placeholder retries, {s.sentinel_fallbacks} placeholder fallbacks, "
+                f"{s.passed_through + s.failed} copied untranslated",
                 err=True,
             )
 
