@@ -91,17 +91,20 @@ class _Layout:
 
 class TextTranslator:
     """Translates texts with an open backend (see the module doc). `on_warning(text_idx, msg)`
-    hears about pieces passed through; by default they are logged."""
+    hears about pieces passed through; by default they are logged. `raw_first=False` sends every
+    piece with spans as sentinels at once (the earlier behaviour, kept for the measurement in
+    bench/protection_bench.py)."""
 
     def __init__(self, backend: Backend, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, sampling: Sampling = GREEDY,
                  protect: bool = True, segment_chars: int = DEFAULT_SEGMENT_CHARS, batch_size: int = DEFAULT_BATCH_SIZE,
-                 on_warning: Warn | None = None):
+                 on_warning: Warn | None = None, raw_first: bool = True):
         if max_new_tokens < 1 or segment_chars < 1 or batch_size < 1:
             raise EdgeError("max_new_tokens, segment_chars and batch_size must be >= 1")
         self.backend = backend
         self.max_new_tokens = max_new_tokens
         self.sampling = sampling
         self.protect = protect
+        self.raw_first = raw_first
         self.segment_chars = segment_chars
         self.batch_size = batch_size
         self.on_warning = on_warning or (lambda idx, msg: logger.warning("text %d: %s", idx + 1, msg))
@@ -175,6 +178,9 @@ class TextTranslator:
                 self.stats.protected_spans += len(unit.protected.spans)
                 self.stats.accelerators += unit.protected.accelerator is not None
         lost: list[_Unit] = []
+        if not self.raw_first:
+            lost = [u for u in units if u.protected is not None and u.protected.changed]
+            units = [u for u in units if u.protected is None or not u.protected.changed]
         for unit, result in zip(units, self._generate([u.source for u in units], src, tgt)):
             if self._failed(unit, result):
                 continue
@@ -185,7 +191,7 @@ class TextTranslator:
             self.stats.hit_limit += unit.hit_limit
             unit.out = text
         if lost:
-            self.stats.sentinel_retries += len(lost)
+            self.stats.sentinel_retries += len(lost) if self.raw_first else 0
             self._translate_protected(lost, src, tgt)
 
     def _failed(self, unit: _Unit, result) -> bool:

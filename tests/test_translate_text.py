@@ -128,6 +128,9 @@ def test_raw_first_then_sentinels_then_translating_around_the_spans():
     around = TextTranslator(EchoBackend(drop=("%d", "%2")))  # sentinel 2 lost too: translated around
     assert around.translate_texts([text], "en", "de") == [text]
     assert (around.stats.sentinel_retries, around.stats.sentinel_fallbacks) == (1, 1)
+    direct = TextTranslator(EchoBackend(drop=("%d",)), raw_first=False)  # sentinels at once: no raw pass
+    assert direct.translate_texts([text], "en", "de") == [text] and direct.backend.calls == [1]
+    assert (direct.stats.sentinel_retries, direct.stats.sentinel_fallbacks) == (0, 0)
     unprotected = TextTranslator(EchoBackend(drop=("%d",)), protect=False)
     assert unprotected.translate_texts([text], "en", "de") == ["Copy %s to  places"]
 
