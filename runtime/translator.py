@@ -211,10 +211,12 @@ class TextTranslator:
             text, unit.hit_limit = result
             self.stats.hit_limit += unit.hit_limit
             restored = restore(unit.protected, text)
-            if restored is None:
+            out = None if restored is None else put_accelerator(unit.protected, restored)
+            # a sentinel glued to a neighbour no longer reads as its span ("%" + "%1" is "%%1")
+            if out is None or spans_kept(unit.source, out):
                 retry.append(unit)
             else:
-                unit.out = put_accelerator(unit.protected, restored)
+                unit.out = out
         if retry:
             self.stats.sentinel_fallbacks += len(retry)
             self._translate_around(retry, src, tgt)

@@ -37,8 +37,8 @@ class EchoBackend(Backend):
 
     format = "echo"
 
-    def __init__(self, n_ctx: int = 200, drop: tuple[str, ...] = (), fail_on: str = ""):
-        self._n_ctx, self.drop, self.fail_on = n_ctx, drop, fail_on
+    def __init__(self, n_ctx: int = 200, drop: tuple[str, ...] = (), fail_on: str = "", swap: tuple[str, str] = ("", "")):
+        self._n_ctx, self.drop, self.fail_on, self.swap = n_ctx, drop, fail_on, swap
         self.calls: list[int] = []
 
     @property
@@ -72,6 +72,8 @@ class EchoBackend(Backend):
                 raise BackendError("planted failure")
             for lost in self.drop:
                 text = text.replace(lost, "")
+            if self.swap[0]:
+                text = text.replace(*self.swap)
             out.append(self.tokenize(text)[:budget])
         return out
 
@@ -131,6 +133,9 @@ def test_raw_first_then_sentinels_then_translating_around_the_spans():
     direct = TextTranslator(EchoBackend(drop=("%d",)), raw_first=False)  # sentinels at once: no raw pass
     assert direct.translate_texts([text], "en", "de") == [text] and direct.backend.calls == [1]
     assert (direct.stats.sentinel_retries, direct.stats.sentinel_fallbacks) == (0, 0)
+    glued = TextTranslator(EchoBackend(swap=("%1", "%%1")))  # "%%1" is a literal percent and a 1
+    assert glued.translate_texts(["%1 has crashed"], "en", "de") == ["%1 has crashed"]
+    assert (glued.stats.sentinel_retries, glued.stats.sentinel_fallbacks) == (1, 1)
     unprotected = TextTranslator(EchoBackend(drop=("%d",)), protect=False)
     assert unprotected.translate_texts([text], "en", "de") == ["Copy %s to  places"]
 
@@ -248,7 +253,8 @@ def test_batched_equals_one_at_a_time(fmt, request):
 @needs_default
 def test_llama_batched_logits_within_tolerance(default_gguf):
     """What batching changes in llama.cpp: prompts prefilled in one batch and a step of one token
-    per sequence give logits within 1e-2 of each sequence alone (F16 KV cache; measured up to 3e-3)."""
+    per sequence give logits within 1e-2 of each sequence alone (F16 KV cache; measured up to 4e-3 on 64
+    test-split prompts over 10 steps)."""
     import numpy as np
 
     from runtime.backends import open_backend
