@@ -6,10 +6,11 @@ them from here, so both sides always agree.
 
 `max_batch=N` lets `generate_batch` decode up to N sequences together: the graph takes a batch
 dimension, an attention mask over past + new positions (0 = padding) and explicit position ids,
-so prompts are left-padded to the longest (each row's positions start at 0) and each step feeds
-one token per live sequence; a finished sequence's rows leave the KV cache. Greedy output is
-the same as one at a time up to float rounding (padded attention rows and batched matrix shapes
-sum in another order), so a near-tie between the top two tokens can flip.
+so each prompt is run alone (its logits as one at a time), the caches are left-padded to the
+longest with mask 0 and stacked, and each step feeds one token per live sequence (positions
+from 0 per row); a finished sequence's rows leave the KV cache. Greedy output is the same as one
+at a time up to float rounding (padded attention rows and batched matrix shapes sum in another
+order), so a near-tie between the top two tokens can flip.
 """
 from __future__ import annotations
 
@@ -258,18 +259,21 @@ class OnnxBackend(Backend):
         live = [seq for seq, limit in enumerate(limits) if limit > 0]
         if not live:
             return outputs
+        # each prompt alone (the graph returns logits for every prompt position: one prompt's
+        # worth at a time), its cache left-padded to the longest with mask 0
         width = max(len(prompts[seq]) for seq in live)
-        ids = np.zeros((len(live), width), dtype=np.int64)
         mask = np.zeros((len(live), width), dtype=np.int64)
-        positions = np.zeros((len(live), width), dtype=np.int64)
+        last, caches = [], []
+        started = time.perf_counter()
         for row, seq in enumerate(live):
             n = len(prompts[seq])
-            ids[row, width - n:] = prompts[seq]
+            logits, cache = self._run(list(prompts[seq]), self._empty_past(), 0)
+            last.append(logits[-1].copy())
+            caches.append([np.pad(c, ((0, 0), (0, 0), (width - n, 0), (0, 0))) for c in cache])
             mask[row, width - n:] = 1
-            positions[row, width - n:] = np.arange(n)
-        started = time.perf_counter()
-        logits, past = self._run_batch(ids, mask, positions, self._empty_past(len(live)))
-        logits = logits[:, -1]
+        past = [np.concatenate(layer, axis=0) for layer in zip(*caches)]
+        logits = np.stack(last)
+        del caches, last
         self.timings.prefill_seconds += time.perf_counter() - started
         self.timings.prefill_tokens += sum(len(prompts[seq]) for seq in live)
         while True:
