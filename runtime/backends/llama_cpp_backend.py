@@ -8,10 +8,11 @@ as llama.cpp users run it.
 `max_batch=N` lets `generate_batch` decode up to N sequences together: one llama_batch holds
 every prompt (distinct seq ids), then each step holds one token per live sequence. The
 sequences share the context's KV cells (kv_unified: no more memory than one sequence), so a
-group holds as many prompts as their prompt + generation budgets fit in n_ctx. Greedy output is the same as one at a time up to
-float rounding: llama.cpp multiplies a batch of several rows with a different kernel than one
-row (its sgemm only runs for 2+ rows), so logits differ in the last bits and a near-tie between
-the top two tokens can flip (tests/test_translate_text.py, bench/translate_bench.py).
+group holds as many prompts as fit n_ctx with their generation budgets. Greedy output is the
+same as one at a time up to float rounding: llama.cpp multiplies several rows with another
+kernel than one row (its sgemm only takes 2+ rows), so logits differ in the last bits (up to
+4e-3 measured, F16 KV cache) and a near-tie between the top two tokens can flip
+(tests/test_translate_text.py, bench/translate_bench.py).
 """
 from __future__ import annotations
 
@@ -189,7 +190,7 @@ class LlamaCppBackend(Backend):
         params.n_ubatch = min(512, self._n_ctx)
         # the sequences of a batch share the n_ctx cells (split streams would need n_ctx each)
         params.n_seq_max = max_batch
-        params.kv_unified = True
+        params.kv_unified = max_batch > 1  # one sequence: the same single stream either way
         params.n_threads = params.n_threads_batch = self.n_threads
         params.no_perf = True
         params.flash_attn_type = (
