@@ -175,9 +175,9 @@ class LlamaCppBackend(Backend):
         super().__init__(config, n_threads=n_threads or max(1, os.cpu_count() or 1))
         llama_cpp = llama_module()
         self.path = Path(model_path)
-        if not 1 <= max_batch <= MAX_SEQUENCES:
-            raise BackendError(f"max_batch must be between 1 and {MAX_SEQUENCES}, got {max_batch}")
-        self.max_batch = max_batch
+        if max_batch < 1:
+            raise BackendError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_batch = min(max_batch, MAX_SEQUENCES)  # larger batches go in groups
         self._model = _Model(self.path)
         self._ctx = None
         self._batch = None
@@ -189,8 +189,8 @@ class LlamaCppBackend(Backend):
         params.n_batch = self._n_ctx  # a whole group of prompts in one llama_decode call
         params.n_ubatch = min(512, self._n_ctx)
         # the sequences of a batch share the n_ctx cells (split streams would need n_ctx each)
-        params.n_seq_max = max_batch
-        params.kv_unified = max_batch > 1  # one sequence: the same single stream either way
+        params.n_seq_max = self.max_batch
+        params.kv_unified = self.max_batch > 1  # one sequence: the same single stream either way
         params.n_threads = params.n_threads_batch = self.n_threads
         params.no_perf = True
         params.flash_attn_type = (
