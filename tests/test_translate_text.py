@@ -222,12 +222,20 @@ def default_onnx(tmp_path_factory) -> Path:
 def _batch_sizes(backend) -> list[int]:
     """Records how many sequences each batched decode step holds."""
     sizes: list[int] = []
-    if hasattr(backend, "_submit"):
+    if hasattr(backend, "_submit"):  # llama.cpp: the sequence ids in one llama_decode
         submit = backend._submit
-        backend._submit = lambda tokens, positions, seqs, wanted: (sizes.append(len(set(seqs))), submit(tokens, positions, seqs, wanted))[1]
-    else:
+
+        def record(tokens, positions, seqs, wanted):
+            sizes.append(len(set(seqs)))
+            return submit(tokens, positions, seqs, wanted)
+        backend._submit = record
+    else:  # ONNX Runtime: the rows of one graph run
         run = backend._run_batch
-        backend._run_batch = lambda ids, *rest: (sizes.append(ids.shape[0]), run(ids, *rest))[1]
+
+        def record(ids, *rest):
+            sizes.append(ids.shape[0])
+            return run(ids, *rest)
+        backend._run_batch = record
     return sizes
 
 
@@ -248,6 +256,37 @@ def test_batched_equals_one_at_a_time(fmt, request):
         assert translator.backend.max_batch == 1
         one = [translator.translate(text) for text in UI_STRINGS]
     assert batched == one and batched[2] == "" and batched[3].count("\n") == 1
+
+
+@needs_default
+def test_llama_groups_fit_the_shared_context(default_gguf):
+    """The sequences of a llama.cpp batch share n_ctx cells: a group takes only as many prompts as
+    fit with their whole budgets, the rest go in the next group, and nothing is lost."""
+    from runtime.backends import open_backend
+
+    budget, n_ctx = 40, 128
+    with open_backend(default_gguf, n_threads=1, n_ctx=n_ctx, max_batch=8) as together:
+        prompts = [together.prompt_ids(text, "en", "de") for text in UI_STRINGS[4:12]]
+        prefills: list[list[int]] = []  # the sequence ids of each group's prompt batch
+        submit = together._submit
+
+        def record(tokens, positions, seqs, wanted):
+            if len(tokens) > len(set(seqs)):  # prompts, not a one-token-per-sequence step
+                prefills.append(sorted(set(seqs)))
+            return submit(tokens, positions, seqs, wanted)
+        together._submit = record
+        got = together.generate_batch(prompts, [budget] * 8)
+    with open_backend(default_gguf, n_threads=1, n_ctx=n_ctx) as alone:
+        want = [list(alone.generate_ids(p, budget)) for p in prompts]
+    assert got == want
+    assert len(prefills) > 1 and max(map(len, prefills)) > 1 and sum(map(len, prefills)) == 8
+    start = 0
+    for group in prefills:  # each group fits, and one more prompt would not have
+        need = [len(p) + budget for p in prompts[start:start + len(group)]]
+        assert sum(need) <= n_ctx
+        if start + len(group) < 8:
+            assert sum(need) + len(prompts[start + len(group)]) + budget > n_ctx
+        start += len(group)
 
 
 @needs_default
