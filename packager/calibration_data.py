@@ -61,6 +61,7 @@ class CalibrationSettings:
     expert_group_bytes: int | None = None  # streamed: experts are loaded in groups of about this size (None = 256 MiB)
     generator: str | None = None           # a GGUF of the parent that translates for streamed generate mode
     cache_dir: str | None = None           # where generated translations are cached (None = no cache)
+    data_slice: tuple[int, int] | None = None  # (i, n): every n-th selected sentence from the i-th (a calibration shard)
 
     @property
     def mode(self) -> str:
@@ -222,6 +223,11 @@ def read_examples(paths: Sequence[Path], settings: CalibrationSettings) -> dict[
             # the same content, which the JSD of planning compares
             rng = random.Random(f"{settings.seed}:{'|'.join(sorted(_slug_languages(slug)))}")
             pool = rng.sample(pool, settings.max_sentences)
+        if settings.data_slice is not None:  # slices of the same sample: their statistics add up to the whole
+            index, count = settings.data_slice
+            pool = pool[index::count]
+            if not pool:
+                raise CalibrationError(f"{names}: slice {index + 1} of {count} of the {slug} sentences is empty: use fewer slices")
         selected[slug] = pool
     return selected
 

@@ -108,7 +108,7 @@ def test_gguf_parent_builds_bundles_without_torch(work):
     record = json.loads((work / "run" / "build.json").read_text())
     statuses = {step["id"]: step["status"] for step in record["steps"]}
     assert list(statuses) == [
-        "calibrate", "parent/gguf/quantize", "parent/gguf/F16/verify", "parent/gguf/Q8_0/verify",
+        "calibrate/en-de", "calibrate/en-fr", "calibrate", "parent/gguf/quantize", "parent/gguf/F16/verify", "parent/gguf/Q8_0/verify",
         "en-de-fr/d50-uniform-routing-mass/plan", "en-de-fr/d50-uniform-routing-mass/prune",
         "en-de-fr/d50-uniform-routing-mass/gguf/quantize", "en-de-fr/d50-uniform-routing-mass/gguf/F16/verify",
         "bundle/en-de-fr-gguf-F16-d50-uniform", "en-de-fr/d50-uniform-routing-mass/gguf/Q8_0/verify",

@@ -78,13 +78,13 @@ def first_build(work) -> dict:
 def test_build_runs_every_stage(first_build, work):
     statuses = {step["id"]: step["status"] for step in first_build["steps"]}
     assert set(statuses.values()) == {"done"}
-    expected = ["calibrate", "parent/gguf/export", "parent/gguf/F32/verify", "parent/gguf/Q8_0/verify",
+    expected = ["calibrate/en-de", "calibrate/en-fr", "calibrate", "parent/gguf/export", "parent/gguf/F32/verify", "parent/gguf/Q8_0/verify",
                 "en-de-fr/d50-uniform-routing-mass/plan", "en-de-fr/d50-uniform-routing-mass/prune",
                 "en-de-fr/d50-uniform-routing-mass/gguf/export", "en-de-fr/d50-uniform-routing-mass/gguf/F32/verify",
                 "bundle/en-de-fr-gguf-F32-d50-uniform", "en-de-fr/d50-uniform-routing-mass/gguf/Q8_0/verify",
                 "bundle/en-de-fr-gguf-Q8_0-d50-uniform"]
     if HAS_ONNX_EXPORT:
-        expected[4:4] = ["parent/onnx/export", "parent/onnx/fp32/verify"]
+        expected[6:6] = ["parent/onnx/export", "parent/onnx/fp32/verify"]
         expected += ["en-de-fr/d50-dynamic-routing-mass/plan", "en-de-fr/d50-dynamic-routing-mass/prune",
                      "en-de-fr/d50-dynamic-routing-mass/onnx/export", "en-de-fr/d50-dynamic-routing-mass/onnx/fp32/verify",
                      "bundle/en-de-fr-onnx-fp32-d50-dynamic"]
@@ -155,10 +155,10 @@ def test_resume_skips_finished_steps(first_build, work):
     ("packager.calibrate", lambda step_id: not step_id.startswith("parent/")),
 ], ids=["verify", "prune", "calibrate"])
 def test_a_code_change_redoes_its_steps_and_those_downstream(first_build, work, monkeypatch, module, redone):
-    import packager.build as build_module
+    import packager.build.graph as graph_module
 
-    real = build_module._code
-    monkeypatch.setattr(build_module, "_code", lambda name: real(name) + ("-edited" if name == module else ""))
+    real = graph_module._code
+    monkeypatch.setattr(graph_module, "_code", lambda name: real(name) + ("-edited" if name == module else ""))
     planned = build(work / "packs.toml", work / "run", console=quiet(), dry_run=True)
     statuses = {step["id"]: step["status"] for step in planned["steps"] if step["id"] != "report"}
     assert statuses == {step_id: "to do" if redone(step_id) else "up to date" for step_id in statuses}
