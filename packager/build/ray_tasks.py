@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import socket
+import sys
 from pathlib import Path
 
 from packager.build.config import BuildError, load_build_config
@@ -45,7 +47,13 @@ def run_step_task(packs_file: str, run_dir: str, step_id: str, key: str, command
         raise BuildError(f"{step.title}: the worker on {socket.gethostname()} computes step key {step.key[:12]}, the driver "
                          f"{key[:12]}: the packs file, its inputs or the packager code differ between the machines; "
                          "install the same packager everywhere and keep the inputs on the shared directory")
-    ran = execute_step(step, StepStore(Path(run_dir)))
+    worker_argv = sys.argv
+    if command:  # the stages record sys.argv as provenance: the build's command, not the Ray worker's
+        sys.argv = shlex.split(command)
+    try:
+        ran = execute_step(step, StepStore(Path(run_dir)))
+    finally:
+        sys.argv = worker_argv
     return {"ran": ran, "seconds": step.seconds, "host": socket.gethostname(), "pid": os.getpid()}
 
 

@@ -1,0 +1,182 @@
+"""`packager build --ray` (issue 21) on a local Ray instance (2 CPUs) and the tiny qwen3_moe:
+the Ray build writes the same tensors and the same scores as the sequential build, also when
+tasks raise or lose their worker mid-step (injected through $PACKAGER_BUILD_FAULT); a crashed
+sequential driver leaves a lock behind that does not stop the re-run, which finishes the build
+with the same outputs."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+from rich.console import Console
+
+from packager.build import build
+from packager.build.steps import FAULT_ENV, FAULTS_DIR, LOCK_NAME, STEPS_DIR
+from packager.core.stats import RoutingStats
+from test_bundle import build_translator, write_test_data
+
+PACKS = '''
+parent = "parent"
+drop_ratios = [0.5]
+threads = 1
+
+[calibration]
+data = ["data.jsonl"]
+max_sentences = 4
+max_new_tokens = 6
+batch_size = 2
+slices = 2
+
+[verify]
+test = "data.jsonl"
+max_new_tokens = 12
+bootstrap = 0
+
+[[variant]]
+format = "gguf"
+quant = ["F32", "Q8_0"]
+
+[[pack]]
+name = "en-de-fr"
+directions = "en->de,fr"
+'''
+PREFIX = "en-de-fr/d50-uniform-routing-mass"
+# one task raises a transient error after writing its outputs, one loses its worker (SIGKILL), one
+# calibration shard raises: each once, then Ray retries it
+FAULTS = f"calibrate/en-de.s1of2:raise,{PREFIX}/prune:kill,{PREFIX}/gguf/Q8_0/verify:raise"
+# file_bytes is left out: a GGUF records the command line that wrote it, so its size differs by a few bytes
+SCORE_KEYS = ("chrf++", "bleu", "error_rate", "errors", "hit_token_limit", "n", "directions", "experts_kept",
+              "per_layer", "chrf++_delta")
+
+
+def quiet() -> Console:
+    return Console(file=io.StringIO(), width=160)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("ray_build")
+    build_translator(work / "parent", num_hidden_layers=3)
+    write_test_data(work / "data.jsonl")
+    (work / "packs.toml").write_text(PACKS)
+    return work
+
+
+@pytest.fixture(scope="module")
+def sequential(work) -> dict:
+    return build(work / "packs.toml", work / "seq", console=quiet(), command="pytest")
+
+
+@pytest.fixture(scope="module")
+def on_ray(work, sequential) -> tuple[dict, str]:
+    """A Ray build with faults: the workers inherit the variable from the Ray instance started
+    here; this process (the driver, and the sequential builds) does not see it."""
+    os.environ[FAULT_ENV] = FAULTS
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    finally:
+        del os.environ[FAULT_ENV]
+    try:
+        console = quiet()
+        record = build(work / "packs.toml", work / "ray", console=console, command="pytest", ray="local")
+        again = build(work / "packs.toml", work / "ray", console=quiet(), command="pytest", ray="local")
+        yield record, again, console.file.getvalue()
+    finally:
+        ray.shutdown()
+
+
+def tensor_digest(path: Path) -> str:
+    """sha256 over the tensors of a model file (names, types, shapes, bytes); a GGUF's metadata
+    also records its provenance (the process's command line, the plan's path), which differs."""
+    if path.suffix != ".gguf":  # the pruned safetensors: nothing run-specific in it
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    from gguf import GGUFReader
+
+    digest = hashlib.sha256()
+    for tensor in GGUFReader(path).tensors:
+        digest.update(f"{tensor.name}|{tensor.tensor_type.name}|{list(tensor.shape)}".encode())
+        digest.update(tensor.data.tobytes())
+    return digest.hexdigest()
+
+
+def outputs(run_dir: Path) -> dict[str, str]:
+    """Tensor digests of every model file (exports and bundles) under the run directory."""
+    files = [p for p in run_dir.rglob("*") if p.is_file() and p.suffix in (".gguf", ".safetensors")
+             and "calibration" not in p.parts]
+    return {p.relative_to(run_dir).as_posix(): tensor_digest(p) for p in sorted(files)}
+
+
+def scores(run_dir: Path) -> dict[str, dict]:
+    report = json.loads((run_dir / "report" / "report.json").read_text())
+    return {row["name"]: {k: row.get(k) for k in SCORE_KEYS} for rows in report["packs"].values() for row in rows["rows"]}
+
+
+def stats_tensors(run_dir: Path) -> dict[str, np.ndarray]:
+    return RoutingStats.load(run_dir / "calibration" / "stats.safetensors").tensors
+
+
+def assert_same_results(run_dir: Path, reference: Path) -> None:
+    expected = outputs(reference)
+    assert len([f for f in expected if f.startswith("bundles/")]) == 2 and len(expected) >= 7
+    assert outputs(run_dir) == expected
+    assert scores(run_dir) == scores(reference)
+    got, want = stats_tensors(run_dir), stats_tensors(reference)
+    assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def test_ray_build_matches_the_sequential_build(work, sequential, on_ray):
+    record, _, _ = on_ray
+    assert [s["id"] for s in record["steps"]] == [s["id"] for s in sequential["steps"]]
+    assert [s["id"] for s in record["steps"][:5]] == [
+        "calibrate/en-de.s1of2", "calibrate/en-de.s2of2", "calibrate/en-fr.s1of2", "calibrate/en-fr.s2of2", "calibrate"]
+    assert {s["status"] for s in record["steps"]} == {"done"}
+    assert record["ray"]["cpus"] == 2 and record["ray"]["nodes"] == 1
+    assert record["timing"]["tasks_run"] == len(record["steps"])
+    assert 0 < record["timing"]["critical_path_seconds"] <= record["timing"]["work_seconds"]
+    assert_same_results(work / "ray", work / "seq")
+
+
+def test_failed_tasks_are_retried_and_the_run_completes(work, on_ray):
+    record, _, log = on_ray
+    fired = sorted(p.name for p in (work / "ray" / FAULTS_DIR).iterdir())
+    assert fired == sorted(f"{item.rpartition(':')[0].replace('/', '__')}.{item.rpartition(':')[2]}"
+                           for item in FAULTS.split(","))
+    assert "failed" not in log and f"[{len(record['steps']) - 1}/{len(record['steps']) - 1}]" in log
+    assert not (work / "seq" / FAULTS_DIR).exists()  # the driver never saw the variable
+
+
+def test_a_rerun_on_the_cluster_skips_what_is_done(on_ray):
+    _, again, _ = on_ray
+    assert {s["id"]: s["status"] for s in again["steps"] if s["status"] != "skipped"} == {"report": "done"}
+
+
+def test_a_crashed_driver_and_its_stale_lock_are_recovered_by_a_rerun(work, sequential):
+    """The sequential driver is killed (SIGKILL) after the prune wrote its model and before its
+    record: the lock file still names the dead process, the pruned files have no record."""
+    env = {**os.environ, FAULT_ENV: f"{PREFIX}/prune:kill", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))}
+    crashed = subprocess.run([sys.executable, "-m", "packager.cli", "build", "packs.toml", "--out", "crash"], cwd=work,
+                             env=env, capture_output=True, text=True, timeout=600)
+    assert crashed.returncode == -9, crashed.stderr[-2000:]
+    run_dir = work / "crash"
+    dead_pid = int((run_dir / LOCK_NAME).read_text())
+    assert dead_pid != os.getpid() and not Path(f"/proc/{dead_pid}").exists()
+    records = {p.name for p in (run_dir / STEPS_DIR).iterdir()}
+    assert f"{PREFIX.replace('/', '__')}__plan.json" in records
+    assert f"{PREFIX.replace('/', '__')}__prune.json" not in records
+    assert (run_dir / "packs" / "en-de-fr" / "d50-uniform-routing-mass" / "pruned").is_dir()
+
+    again = build(work / "packs.toml", run_dir, console=quiet(), command="pytest")
+    statuses = {s["id"]: s["status"] for s in again["steps"]}
+    assert statuses[f"{PREFIX}/plan"] == "skipped" and statuses["calibrate"] == "skipped"
+    assert statuses[f"{PREFIX}/prune"] == "done" and statuses["report"] == "done"
+    assert int((run_dir / LOCK_NAME).read_text()) == os.getpid()
+    assert_same_results(run_dir, work / "seq")
