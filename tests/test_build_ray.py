@@ -18,7 +18,8 @@ import pytest
 import ray
 from rich.console import Console
 
-from packager.build import build
+from packager.build import BuildError, build, load_build_config
+from packager.build.graph import make_graph
 from packager.build.steps import FAULT_ENV, FAULTS_DIR, LOCK_NAME, STEPS_DIR
 from packager.core.stats import RoutingStats
 from test_bundle import build_translator, write_test_data
@@ -180,3 +181,34 @@ def test_a_crashed_driver_and_its_stale_lock_are_recovered_by_a_rerun(work, sequ
     assert statuses[f"{PREFIX}/prune"] == "done" and statuses["report"] == "done"
     assert int((run_dir / LOCK_NAME).read_text()) == os.getpid()
     assert_same_results(run_dir, work / "seq")
+
+
+def test_calibration_shards_follow_the_packs_file(work, tmp_path):
+    def calibration_ids(extra: str) -> list[str]:
+        (work / "variant.toml").write_text(PACKS.replace("slices = 2\n", extra))
+        graph = make_graph(load_build_config(work / "variant.toml"), tmp_path, None)
+        return [s.id for s in graph.steps if s.id.startswith("calibrate")]
+
+    assert calibration_ids("") == ["calibrate/en-de", "calibrate/en-fr", "calibrate"]
+    assert calibration_ids('shard_by = "none"\n') == ["calibrate"]  # one run over every direction, no merge
+    assert calibration_ids('shard_by = "none"\nslices = 2\n') == ["calibrate/all.s1of2", "calibrate/all.s2of2", "calibrate"]
+    with pytest.raises(BuildError, match=r"\[calibration\] slices must be an integer from 1 to max_sentences \(4\), got 5"):
+        calibration_ids("slices = 5\n")
+    with pytest.raises(BuildError, match=r"\[calibration\] shard_by must be one of direction, none, got 'pair'"):
+        calibration_ids('shard_by = "pair"\n')
+
+
+def test_without_ray_installed_the_ray_build_says_what_to_install(work):
+    blocker = work / "no_ray"
+    blocker.mkdir(exist_ok=True)
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\n\nclass _Blocked:\n    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'ray':\n            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "\nsys.meta_path.insert(0, _Blocked())\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(Path(__file__).parents[1])])}
+    result = subprocess.run([sys.executable, "-m", "packager.cli", "build", "packs.toml", "--out", "no-ray", "--ray"],
+                            cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        "error: --ray: Ray is not installed; install it with pip install 'edge-translation-packager[ray]' "
+        "(or build without --ray)"]
+    assert not (work / "no-ray").exists()  # nothing written

@@ -24,6 +24,10 @@ def build(packs_file: str | os.PathLike, run_dir: str | os.PathLike, *, dry_run:
     from rich.console import Console
 
     config = load_build_config(packs_file)
+    if ray is not None and not dry_run:  # before anything is written
+        from packager.build.ray_tasks import import_ray
+
+        import_ray()
     run_dir = Path(run_dir).resolve()
     console = console or Console(stderr=True)
     with run_dir_lock(run_dir):

@@ -57,7 +57,7 @@ def run_step_task(packs_file: str, run_dir: str, step_id: str, key: str, command
     return {"ran": ran, "seconds": step.seconds, "host": socket.gethostname(), "pid": os.getpid()}
 
 
-def _import_ray():
+def import_ray():
     try:
         import ray
     except ImportError:
@@ -68,7 +68,7 @@ def _import_ray():
 def run_on_ray(graph: BuildGraph, store: StepStore, console, address: str, packs_file: Path, command: str | None) -> dict:
     """Run `graph` on Ray: a local instance (LOCAL_RAY, or the one this process already started)
     or the cluster at `address`. Returns what the build record keeps about the cluster."""
-    ray = _import_ray()
+    ray = import_ray()
     started_here = not ray.is_initialized()
     if started_here:
         try:
