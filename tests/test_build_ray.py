@@ -212,3 +212,25 @@ def test_without_ray_installed_the_ray_build_says_what_to_install(work):
         "error: --ray: Ray is not installed; install it with pip install 'edge-translation-packager[ray]' "
         "(or build without --ray)"]
     assert not (work / "no-ray").exists()  # nothing written
+
+
+def test_data_slices_cover_each_sentence_once(work):
+    """Slices of a direction's sample merge to the statistics of the whole sample: counts exactly,
+    sums up to fp64 summation order (the batches differ)."""
+    from packager.calibrate import CalibrationSettings, calibrate
+    from packager.core.stats import SEQUENCES, TOKENS, merge_stats
+
+    def run(data_slice):
+        settings = CalibrationSettings(pairs=("en-de",), teacher_forced=True, max_sentences=4, batch_size=2,
+                                       data_slice=data_slice)
+        return calibrate(work / "parent", [work / "data.jsonl"], settings)
+
+    whole = run(None)
+    merged = merge_stats([run((0, 3)), run((1, 3)), run((2, 3))])
+    assert [p["sentences"]["en-de"] for p in merged.meta["provenance"]] == [2, 1, 1]
+    assert sorted(merged.tensors) == sorted(whole.tensors)
+    for name, value in whole.tensors.items():
+        if name.split("/")[0] in (SEQUENCES, TOKENS, "selected", "reap_tokens"):
+            assert np.array_equal(merged.tensors[name], value), name
+        else:
+            np.testing.assert_allclose(merged.tensors[name], value, rtol=1e-5, atol=1e-9, err_msg=name)
