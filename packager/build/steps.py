@@ -24,8 +24,9 @@ STEPS_DIR = ".steps"
 FAULTS_DIR = ".faults"
 LOCK_NAME = ".build.lock"
 HASH_LIMIT_BYTES = 1 << 30
-# fault injection for the fault tests: "STEP_ID:raise" or "STEP_ID:kill" (comma-separated), each
-# fires once per run directory, after the step wrote its outputs and before its record
+# fault injection for the fault tests: "STEP_ID:ACTION" (comma-separated), each firing once per run
+# directory, after the step wrote its outputs and before its record; ACTION is raise (a transient
+# error, retried on Ray), fail (an error that is not retried) or kill (SIGKILL of the process)
 FAULT_ENV = "PACKAGER_BUILD_FAULT"
 # errors of a shared filesystem or a network that a second attempt may not meet
 TRANSIENT_ERRNOS = {errno.ESTALE, errno.EIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.EAGAIN}
@@ -139,7 +140,7 @@ def _injected_fault(step: Step, run_dir: Path) -> None:
     file created exclusively records that it fired, so the retry or re-run passes)."""
     for item in filter(None, os.environ.get(FAULT_ENV, "").split(",")):
         step_id, _, action = item.rpartition(":")
-        if step_id != step.id or action not in ("raise", "kill"):
+        if step_id != step.id or action not in ("raise", "fail", "kill"):
             continue
         marker = run_dir / FAULTS_DIR / f"{step.id.replace('/', '__')}.{action}"
         marker.parent.mkdir(parents=True, exist_ok=True)
@@ -149,7 +150,7 @@ def _injected_fault(step: Step, run_dir: Path) -> None:
             return
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
-        raise TransientStepError(f"{step.title}: injected fault ({FAULT_ENV})")
+        raise (BuildError if action == "fail" else TransientStepError)(f"{step.title}: injected fault ({FAULT_ENV})")
 
 
 @contextmanager
