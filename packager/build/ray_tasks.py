@@ -69,6 +69,12 @@ def run_on_ray(graph: BuildGraph, store: StepStore, console, address: str, packs
     """Run `graph` on Ray: a local instance (LOCAL_RAY, or the one this process already started)
     or the cluster at `address`. Returns what the build record keeps about the cluster."""
     ray = import_ray()
+    if all(store.up_to_date(step) for step in graph.steps[:-1]):  # nothing for a cluster: no Ray start-up
+        for step in graph.steps[:-1]:
+            step.status = "skipped"
+        console.print("ray: every step is up to date; report ...")
+        execute_step(graph.steps[-1], store)
+        return {"address": address, "tasks": 0}
     started_here = not ray.is_initialized()
     if started_here:
         try:
@@ -118,7 +124,7 @@ class _Scheduler:
                 todo[step.id] = step
         self.console.print(f"ray: {len(todo)} task(s) to run, {len(finished)} step(s) up to date")
         self._loop(todo, finished, len(todo))
-        self.console.print("[report] ...")
+        self.console.print("report ...")
         execute_step(report, self.store)
         return self.hosts
 
