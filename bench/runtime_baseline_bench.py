@@ -7,8 +7,9 @@ processes measure what `edge-translate` costs before the weights arrive:
   (llama-cpp-python / ONNX Runtime + tokenizers), i.e. everything up to the model load;
 - VmRSS at that point (the baseline of `packager verify`'s peak RSS) and which heavy
   libraries are in the process (a GGUF bundle must never import onnxruntime, and vice versa);
-- then the model load itself, the RSS after it, and the peak RSS of a few translations:
-  the figure `packager fit` compares its dry-run RAM estimate with.
+- then the model load itself, the RSS after it, and the peak RSS of translating 20 en->de test
+  segments (max 128 new tokens, as verify): the figure `packager fit`'s runtime constant
+  (RUNTIME_BYTES) is derived from, as that peak minus what the dry run accounts for.
 Median of RUNS processes. The GGUF case also runs as the runtime did before issue 19
 (`import llama_cpp`, the whole package, instead of its low-level binding only), in the same
 run so that machine load affects both alike. Writes bench/results/runtime_baseline.json
@@ -30,8 +31,8 @@ RESULTS = ROOT / "bench" / "results" / "runtime_baseline.json"
 RUNS = 5
 HEAVY = ("onnxruntime", "llama_cpp", "llama_cpp.llama", "tokenizers", "numpy", "jinja2", "torch", "transformers", "gguf",
          "rich", "diskcache")
-SENTENCES = ["The weather is nice today.", "Save the document before closing the window, please.",
-             "Open the file.", "Where is the station?"]
+TEST_SPLIT = ROOT / "data" / "harvest" / "eval" / "test.jsonl"
+N_SEGMENTS = 20  # en->de test segments, spread evenly over the split (as verify picks them)
 
 CHILD = r"""
 import json, resource, sys, time
@@ -48,6 +49,7 @@ t_cli = time.perf_counter()
 from runtime.backends import backend_class, resolve_model
 model_file, config = resolve_model(sys.argv[1])
 cls = backend_class(config.format)
+before_backend = status()  # runtime imported, backend library not yet
 if config.format == 'gguf':
     from runtime.backends.llama_cpp_backend import llama_module
     if sys.argv[4] == 'package':  # what the runtime did before: the whole llama_cpp package
@@ -59,14 +61,17 @@ else:
     import tokenizers
 t_open = time.perf_counter()
 before = status()
+with open('/proc/self/clear_refs', 'w') as f:  # peak from here on (VmHWM = VmRSS), as verify does
+    f.write('5')
 heavy = [m for m in json.loads(sys.argv[2]) if m in sys.modules]
 backend = cls.load(model_file, config, n_threads=1)
 t_load = time.perf_counter()
 after = status()
 for text in json.loads(sys.argv[3]):
-    backend.translate(text, 'en', 'de', max_new_tokens=48)
+    backend.translate(text, 'en', 'de', max_new_tokens=128)
 peak = status()
-print(json.dumps({'import_cli_s': t_cli - t0, 'open_s': t_open - t_cli, 'before_load_rss': before['VmRSS'],
+print(json.dumps({'import_cli_s': t_cli - t0, 'open_s': t_open - t_cli, 'before_backend_rss': before_backend['VmRSS'],
+                  'before_load_rss': before['VmRSS'],
                   'load_s': t_load - t_open, 'after_load_rss': after['VmRSS'], 'peak_rss': peak['VmHWM'],
                   'heavy_modules_before_load': heavy,
                   'modules_after_translate': [m for m in json.loads(sys.argv[2]) if m in sys.modules]}))
@@ -82,9 +87,16 @@ def build_models(work: Path) -> dict[str, Path]:
             "onnx": export_onnx(model, work / "onnx", force=True) / "model.onnx"}
 
 
+def test_segments() -> list[str]:
+    records = [json.loads(line) for line in TEST_SPLIT.read_text(encoding="utf-8").splitlines() if line.strip()]
+    en_de = [r["src"] for r in records if (r["src_lang"], r["tgt_lang"]) == ("en", "de")]
+    step = max(1, len(en_de) // N_SEGMENTS)
+    return en_de[::step][:N_SEGMENTS]
+
+
 def _child(model: Path, variant: str) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-c", CHILD, str(model), json.dumps(HEAVY), json.dumps(SENTENCES), variant],
+    done = subprocess.run([sys.executable, "-c", CHILD, str(model), json.dumps(HEAVY), json.dumps(test_segments()), variant],
                           cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -105,21 +117,24 @@ def measure(cases: dict[str, tuple[Path, str]], runs: int) -> dict:
     return out
 
 
-def estimate_check(model: Path, fmt: str, measured_peak: int) -> dict:
-    """packager.fit's dry-run estimate (without its 10% margin) against the measured peak RSS."""
-    from packager.fit import RAM_MARGIN, estimate_ram_bytes
+def estimate_check(model: Path, fmt: str, row: dict) -> dict:
+    """packager.fit's estimate (without its 10% margin) against the measured peak RSS, and the
+    runtime constant it uses: the measured peak minus what the dry run accounts for
+    (GGUF: weights, KV cache, output buffer, the dry run's own growth; ONNX: the session's RSS)."""
+    from packager.fit import RAM_MARGIN, RUNTIME_BYTES, estimate_ram_bytes, gguf_memory_breakdown, onnx_session_bytes
 
-    files = [model] if fmt == "gguf" else [p for p in model.parent.iterdir() if p.is_file()]
-    estimate = estimate_ram_bytes(model, fmt, sum(p.stat().st_size for p in files))
-    without_margin = estimate / RAM_MARGIN
-    breakdown = None
+    measured_peak = int(row["peak_rss"])
+    estimate = estimate_ram_bytes(model, fmt, 0) / RAM_MARGIN
     if fmt == "gguf":
-        from packager.fit import gguf_memory_breakdown
-
-        breakdown = gguf_memory_breakdown(model)
-    return {"estimate_bytes_without_margin": int(without_margin), "llama_cpp_breakdown": breakdown,
-            "measured_peak_rss_bytes": measured_peak,
-            "ratio": round(without_margin / measured_peak, 3)}
+        dry = gguf_memory_breakdown(model)
+        accounted = dry["model"] + dry["kv"] + dry["output"] + dry["load_rss"]
+    else:
+        dry = {"session": onnx_session_bytes(model),
+               "session_in_this_process": int(row["after_load_rss"] - row["before_backend_rss"])}
+        accounted = dry["session"]
+    return {"dry_run": dry, "measured_peak_rss_bytes": measured_peak,
+            "runtime_bytes_measured": measured_peak - accounted, "runtime_bytes_in_packager_fit": RUNTIME_BYTES[fmt],
+            "estimate_bytes_without_margin": int(estimate), "ratio": round(estimate / measured_peak, 3)}
 
 
 def main() -> int:
@@ -133,7 +148,7 @@ def main() -> int:
         run = measure({"gguf, whole llama_cpp package (before issue 19)": (models["gguf"], "package"),
                        "gguf": (models["gguf"], "runtime"), "onnx": (models["onnx"], "runtime")}, args.runs)
         for fmt in ("gguf", "onnx"):
-            run[fmt]["ram_estimate"] = estimate_check(models[fmt], fmt, int(run[fmt]["peak_rss"]))
+            run[fmt]["ram_estimate"] = estimate_check(models[fmt], fmt, run[fmt])
     results["runs"][args.label] = run
     results["machine"] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -207,25 +207,44 @@ def _read_bundle_dir(path: Path) -> Candidate:
     return candidate
 
 
-# Measured by bench/runtime_baseline_bench.py (RSS after `edge-translate`'s imports and the
-# backend's, before the model loads), rounded up: the part of the peak that is not the model.
-RUNTIME_BASELINE_BYTES = {"gguf": 40 * MIB, "onnx": 60 * MIB}
+# Measured by bench/runtime_baseline_bench.py on the default model (fresh processes that load and
+# translate as `edge-translate` does, one thread): peak RSS minus what the dry run below accounts
+# for. It is the interpreter and the runtime's imports (RSS before the backend is imported),
+# library code paged in while translating and the heap a translation run grows; rounded up to the
+# MiB. bench/results/ram_estimate.json checks the estimate against every demo bundle's peak.
+RUNTIME_BYTES = {"gguf": 46 * MIB, "onnx": 45 * MIB}
 DEFAULT_N_CTX = 2048
 
 
 def estimate_ram_bytes(model_file: Path | None, fmt: str, storage_bytes: int) -> int | None:
-    """A dry-run estimate for a bundle verify did not measure, plus the same 10% margin as a
-    measured figure. GGUF: runtime baseline + llama.cpp's own memory breakdown at the runtime's
-    context settings (`gguf_memory_breakdown`: weights, KV cache, output and compute buffers;
-    the weights are not read), else the same terms from the GGUF metadata by formula. ONNX:
-    baseline + twice the files (ONNX Runtime keeps an initialised copy beside the file's)."""
+    """Peak RSS estimate for a bundle verify did not measure, plus the same 10% margin as a
+    measured figure: RUNTIME_BYTES plus a dry run of the runtime in a child process.
+    GGUF: llama.cpp's memory breakdown at the runtime's context settings without reading the
+    weights (`gguf_memory_breakdown`): weights (memory-mapped, all read while translating),
+    KV cache and output buffer, plus what the dry-run process itself grew by (vocabulary,
+    tensor and graph metadata). The compute buffer is left out: llama.cpp reserves it for a
+    512-token batch with the logits of every position, and the runtime asks for the last
+    position's logits only, so those pages are never touched (measured: bench/results/
+    ram_estimate.json). Without llama-cpp-python the same terms come from the GGUF metadata
+    with the worst-case compute buffer instead (larger, safe). ONNX: the RSS an ONNX Runtime
+    session adds when the runtime loads the bundle (`onnx_session_bytes`, reads the weights,
+    runs nothing); without it, twice the files."""
     if fmt == "gguf" and model_file is not None and model_file.is_file():
-        breakdown = gguf_memory_breakdown(model_file) or _gguf_formula(model_file)
-        if breakdown is None:
-            return None
-        return int((RUNTIME_BASELINE_BYTES["gguf"] + sum(breakdown.values())) * RAM_MARGIN)
+        dry = gguf_memory_breakdown(model_file)
+        if dry is not None:
+            need = dry["model"] + dry["kv"] + dry["output"] + dry["load_rss"]
+        else:
+            formula = _gguf_formula(model_file)
+            if formula is None:
+                return None
+            need = sum(formula.values())
+        return int((RUNTIME_BYTES["gguf"] + need) * RAM_MARGIN)
     if fmt == "onnx":
-        return int((RUNTIME_BASELINE_BYTES["onnx"] + 2 * storage_bytes) * RAM_MARGIN)
+        from runtime.bundle import is_bundle
+
+        target = model_file.parent if model_file is not None and is_bundle(model_file.parent) else model_file
+        session = onnx_session_bytes(target) if target is not None and target.exists() else None
+        return int((RUNTIME_BYTES["onnx"] + (session if session is not None else 2 * storage_bytes)) * RAM_MARGIN)
     return None
 
 
@@ -237,8 +256,11 @@ class Keep(logging.Handler):
     def emit(self, record):
         lines.append(record.getMessage())
 logger.addHandler(Keep()); logger.setLevel(logging.DEBUG); logger.propagate = False
+def rss():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
 ll = llama_module()
 ll.llama_backend_init()
+before = rss()
 mp = ll.llama_model_default_params()
 mp.no_alloc = True                      # llama.cpp's memory-fit pass: metadata only, allocations simulated
 mp.load_mode = ll.LLAMA_LOAD_MODE_NONE
@@ -256,14 +278,41 @@ def mib(pattern):
     return int(sum(found) * 2**20)
 print(json.dumps({"model": int(ll.llama_model_size(model)), "kv": mib(r"llama_kv_cache: size = +([0-9.]+) MiB"),
                   "output": mib(r"output buffer size = +([0-9.]+) MiB"),
-                  "compute": mib(r"compute buffer size = +([0-9.]+) MiB")}))
+                  "compute": mib(r"compute buffer size = +([0-9.]+) MiB"), "load_rss": rss() - before}))
 """
+
+_SESSION_RUN = r"""
+import sys
+from runtime.backends import backend_class, resolve_model
+def rss():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmRSS:"))
+model_file, config = resolve_model(sys.argv[1])  # a bundle directory or an exported model
+cls = backend_class(config.format)
+before = rss()                          # the runtime before its backend library is imported
+backend = cls.load(model_file, config, n_threads=1)
+print(rss() - before)
+"""
+
+
+def onnx_session_bytes(path: Path) -> int | None:
+    """RSS that loading an ONNX bundle (or an exported model.onnx) adds (onnxruntime and tokenizers imported, the session and
+    tokenizer created, nothing run), measured in a child process; None when that fails."""
+    import subprocess
+    import sys
+
+    try:
+        done = subprocess.run([sys.executable, "-c", _SESSION_RUN, str(path)], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return int(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return None
 
 
 def gguf_memory_breakdown(model_file: Path, n_ctx: int = DEFAULT_N_CTX) -> dict[str, int] | None:
     """llama.cpp's memory breakdown (bytes of weights, KV cache, output and compute buffers) from
-    a dry run (`no_alloc`, as llama.cpp's --fit does), in a child process since llama.cpp aborts
-    on what it cannot load; None when the dry run fails."""
+    a dry run (`no_alloc`, as llama.cpp's --fit does), and `load_rss`: what the dry-run process
+    grew by while loading. In a child process since llama.cpp aborts on what it cannot load;
+    None when the dry run fails."""
     import subprocess
     import sys
 
