@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup test demo data-eval data-full data-v1 train-default eval-default bench bench-prune device-check experiments clean
+.PHONY: setup test demo data-eval data-full data-v1 train-default eval-default bench bench-prune device-check server-check experiments clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -69,6 +69,13 @@ bench-prune: $(STAMP)
 # for unshare). Writes bench/results/device_check.json. Minutes (two llama.cpp builds); not in `make test`.
 device-check: $(STAMP)
 	$(PY) -m bench.device_check
+
+# Stock llama-server (issue 19): builds llama-server (-j1) from the same pinned llama.cpp source in
+# device-check's x86 build folder, serves the default model's GGUF and two demo bundles (runs/demo,
+# from `make demo`), and compares /v1/chat/completions (messages only, system message 'en->de')
+# and /completion (raw prompt) with edge-translate's greedy output. Writes bench/results/server_check.json.
+server-check: $(STAMP)
+	$(PY) -m bench.server_check
 
 experiments: $(STAMP) data-eval
 	$(PY) -m packager.experiments --out runs/experiments

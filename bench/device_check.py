@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 RESULTS = REPO / "bench" / "results" / "device_check.json"
+BUNDLE_RESULTS = REPO / "bench" / "results" / "device_check_bundles.json"
 WORK = REPO / "data" / "device_check"
 MODEL = REPO / "models" / "default"
 PIN = "0.3.36"
@@ -294,12 +295,31 @@ def onnx_check(qemu: list[str]) -> dict:
             "sentences": rows}
 
 
+def bundle_check(bundle: Path):
+    """(GGUF, prompt renderer, source, target) of a bundle's first direction (en->X: SENTENCES are English)."""
+    from runtime.backends import resolve_model
+    from runtime.languages import parse_pair
+    from runtime.prompt import PromptRenderer
+
+    model, config = resolve_model(bundle)
+    if config.format != "gguf":
+        raise SystemExit(f"error: {bundle}: a {config.format} bundle; the aarch64 llama.cpp check takes GGUF bundles")
+    pair = next((p for p in map(parse_pair, config.directions) if str(p).startswith("en->")), None)
+    if pair is None:
+        raise SystemExit(f"error: {bundle}: no en->X direction (the check's sentences are English)")
+    src, tgt = str(pair).split("->")
+    return model, PromptRenderer(config.prompt_template, special_tokens=config.special_tokens), src, tgt
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rebuild", action="store_true", help="rebuild llama-simple for both targets")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--skip-apt", action="store_true")
     ap.add_argument("--skip-onnx", action="store_true", help="GGUF only (no arm64 Python sysroot)")
+    ap.add_argument("--bundle", action="append", default=[],
+                    help="check these GGUF bundles (their first direction) instead of the default model's exports; "
+                         f"writes {BUNDLE_RESULTS.name}, no ONNX")
     args = ap.parse_args()
 
     if not args.skip_apt:
@@ -307,25 +327,28 @@ def main() -> int:
     source = llama_cpp_source()
     arm_bin = build(source, "aarch64", args.rebuild, args.jobs)
     x86_bin = build(source, "x86_64", args.rebuild, args.jobs)
-    models = export_models()
-
     from runtime.prompt import PromptRenderer
-    renderer = PromptRenderer.from_model_dir(MODEL)
+    if args.bundle:
+        checks = {Path(b).name: bundle_check(Path(b)) for b in args.bundle}
+    else:
+        renderer = PromptRenderer.from_model_dir(MODEL)
+        checks = {name: (model, renderer, "en", "de") for name, model in export_models().items()}
     qemu = [shutil.which("qemu-aarch64-static") or "qemu-aarch64-static"]
     qemu_version = subprocess.run(qemu + ["--version"], capture_output=True, text=True).stdout.splitlines()[0]
 
     report: dict = {
         "what": "greedy llama-simple (pinned llama.cpp, vendor/llama.cpp of llama-cpp-python "
-                f"{PIN}) on x86-64 vs aarch64 under qemu-user, default model en->de",
+                f"{PIN}) on x86-64 vs aarch64 under qemu-user, "
+                + ("GGUF bundles, each in its first direction" if args.bundle else "default model en->de"),
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "qemu": qemu_version},
         "build": {"cmake": COMMON_CMAKE, "aarch64": CROSS_CMAKE, "x86_64": NATIVE_CMAKE, "target": TARGET},
         "n_predict": N_PREDICT,
         "models": {},
     }
-    for name, model in models.items():
+    for name, (model, renderer, src, tgt) in checks.items():
         rows = []
         for s in SENTENCES:
-            prompt = renderer.render(s, "en", "de")
+            prompt = renderer.render(s, src, tgt)
             x86 = run_simple([], x86_bin, model, prompt)
             arm = run_simple(qemu, arm_bin, model, prompt)
             row = {"source": s, "prompt": prompt, "identical": x86["text"] == arm["text"],
@@ -338,22 +361,23 @@ def main() -> int:
         qs = [r["qemu_tok_per_s"] for r in rows if r["qemu_tok_per_s"]]
         xs = [r["x86_tok_per_s"] for r in rows if r["x86_tok_per_s"]]
         report["models"][name] = {
-            "file": model.name, "bytes": model.stat().st_size,
+            "file": str(model), "direction": f"{src}->{tgt}", "bytes": model.stat().st_size,
             "identical": sum(r["identical"] for r in rows), "of": len(rows),
             "qemu_tok_per_s_median": sorted(qs)[len(qs) // 2] if qs else None,
             "x86_tok_per_s_median": sorted(xs)[len(xs) // 2] if xs else None,
             "sentences": rows,
         }
-    report["onnx"] = "skipped (--skip-onnx)" if args.skip_onnx else onnx_check(qemu)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    report["onnx"] = "skipped" if args.skip_onnx or args.bundle else onnx_check(qemu)
+    results = BUNDLE_RESULTS if args.bundle else RESULTS
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     for name, m in report["models"].items():
         log(f"{name}: {m['identical']}/{m['of']} identical; qemu {m['qemu_tok_per_s_median']} tok/s "
             f"(sanity only), x86 {m['x86_tok_per_s_median']} tok/s")
     if isinstance(report["onnx"], dict):
         o = report["onnx"]
         log(f"ONNX fp32: {o['identical']}/{o['of']} identical; qemu {o['qemu_tok_per_s_median']} tok/s (sanity only)")
-    log(f"wrote {RESULTS.relative_to(REPO)}")
+    log(f"wrote {results.relative_to(REPO)}")
     return 0
 
 
