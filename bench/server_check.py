@@ -223,6 +223,21 @@ def check_model(binary: Path, model: Path, directions: list[str], logs: Path) ->
     return out
 
 
+def slim(model_report: dict) -> dict:
+    """Keep edge-translate's outputs once per direction and, per case, only the answers that differ."""
+    outputs: dict[str, list[str]] = {}
+    for config in model_report["configs"].values():
+        for case in config["cases"]:
+            rows = case.pop("rows", None)
+            if rows is None:
+                continue
+            outputs.setdefault(case["direction"], [r["edge_translate"] for r in rows])
+            case["different"] = [{"source": r["source"], "edge_translate": r["edge_translate"], "server": r["server"]}
+                                 for r in rows if not r["same"]]
+    model_report.setdefault("edge_translate_outputs", outputs)
+    return model_report
+
+
 def pick_bundles(given: list[str]) -> list[Path]:
     if given:
         return [Path(b) for b in given]
@@ -253,12 +268,12 @@ def main() -> int:
         "models": [],
     }
     default_gguf = export_models()["F32"]
-    report["models"].append(check_model(binary, default_gguf, ["en->de", "en->fr"], logs))
+    report["models"].append(slim(check_model(binary, default_gguf, ["en->de", "en->fr"], logs)))
     for bundle in bundles:
         from runtime.bundle import load_bundle
 
         directions = [str(d) for d in load_bundle(bundle).directions]
-        report["models"].append(check_model(binary, bundle, directions, logs))
+        report["models"].append(slim(check_model(binary, bundle, directions, logs)))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     for m in report["models"]:
