@@ -17,6 +17,9 @@ ONNX Runtime's cpuinfo dereferences NULL on qemu 7.2's /proc/cpuinfo (the host's
 probe runs in a private mount namespace (unshare -m, root) with an aarch64 /proc/cpuinfo bound over
 it (two Neoverse-N1 cores).
 
+`--bundle DIR` (repeatable) runs the same GGUF comparison on bundles instead, each in its first
+en->X direction with its own template, and writes bench/results/device_check_bundles.json.
+
 Python rather than shell because the comparison, the prompt (runtime.prompt renders the bundle's
 own template) and the JSON report live in Python anyway; the build steps are plain subprocess
 calls to apt-get, pip, tar and cmake. Work files go to data/device_check (gitignored); the
