@@ -8,8 +8,9 @@ each GGUF (the default model's F32 export and demo bundles) starts the server an
   first system message `en->de` naming each direction to check;
 - `/completion` with the raw prompt (the bundle's template rendered by runtime.prompt, as
   `edge-translate` renders it);
-and compares every answer with `edge-translate`'s greedy output (its CLI, --threads 1) on the
-same 32 English UI strings, with the token budget edge-translate gives each (max_tokens /
+and compares every answer with `edge-translate`'s greedy output (its CLI, --threads 1, one
+string at a time: --batch-size 1, as the server gets them; the CLI's default batch of 8, decoded
+together, is recorded beside it) on the same 32 English UI strings, with the token budget edge-translate gives each (max_tokens /
 n_predict). Each server configuration is one line of flags (SERVER_CONFIGS): llama-server's own
 defaults, the defaults with flash attention off, the settings `edge-translate` uses, and the
 README's command. Where llama-server's defaults differ, the same sentences also go through the
@@ -34,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.device_check import SENTENCES, WORK, export_models, llama_cpp_source, log, run  # noqa: E402
+from runtime.translator import DEFAULT_BATCH_SIZE  # noqa: E402  (edge-translate's --batch-size default)
 
 RESULTS = REPO / "bench" / "results" / "server_check.json"
 DEMO_BUNDLES = REPO / "runs" / "demo" / "bundles"
@@ -138,13 +140,13 @@ class Server:
                 if any(k in line for k in keys)][:20]
 
 
-def edge_translate(model: Path, src: str, tgt: str, sentences: list[str]) -> list[str]:
+def edge_translate(model: Path, src: str, tgt: str, sentences: list[str], batch_size: int) -> list[str]:
     """`edge-translate`'s greedy output, one line per sentence (its CLI, --threads THREADS)."""
     with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False, encoding="utf-8") as f:
         f.write("\n".join(sentences) + "\n")
     try:
         proc = subprocess.run([sys.executable, "-m", "runtime.cli", str(model), "--from", src, "--to", tgt,
-                               "--file", f.name, "--threads", str(THREADS)],
+                               "--file", f.name, "--threads", str(THREADS), "--batch-size", str(batch_size)],
                               capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     finally:
         os.unlink(f.name)
@@ -157,7 +159,7 @@ def edge_translate_flash_attn(model: Path, src: str, tgt: str, sentences: list[s
     (the CLI has no flag for it): tells whether flash attention alone explains a difference."""
     from runtime.translator import Translator
 
-    with Translator(model, THREADS, src=src, tgt=tgt, flash_attn=True) as translator:
+    with Translator(model, THREADS, src=src, tgt=tgt, batch_size=1, flash_attn=True) as translator:
         return [translator.translate(s) for s in sentences]
 
 
@@ -180,9 +182,18 @@ def model_facts(model: Path) -> dict:
 
 def check_model(binary: Path, model: Path, directions: list[str], logs: Path) -> dict:
     facts = model_facts(model)
-    reference = {d: edge_translate(model, *d.split("->"), ALL_SENTENCES) for d in directions}
+    # one string at a time, as the server gets them; and the CLI's default batch (decoded together)
+    reference = {d: edge_translate(model, *d.split("->"), ALL_SENTENCES, 1) for d in directions}
+    batched = {d: edge_translate(model, *d.split("->"), ALL_SENTENCES, DEFAULT_BATCH_SIZE) for d in directions}
     out: dict = {"model": str(model), "gguf_bytes": facts["gguf"].stat().st_size,
-                 "template_default_direction": facts["default_direction"], "configs": {}}
+                 "template_default_direction": facts["default_direction"],
+                 "edge_translate_default_batch_vs_one_at_a_time": {
+                     d: {"batch_size": DEFAULT_BATCH_SIZE, "identical": sum(a == b for a, b in zip(batched[d], reference[d])),
+                         "of": len(ALL_SENTENCES),
+                         "different": [{"source": x, "one_at_a_time": b, "batched": a}
+                                       for x, a, b in zip(ALL_SENTENCES, batched[d], reference[d]) if a != b]}
+                     for d in directions},
+                 "configs": {}}
     for name, flags in SERVER_CONFIGS.items():
         log_path = logs / f"{model.name}.{name.replace(' ', '_')}.log"
         with Server(binary, facts["gguf"], flags, log_path) as server:
@@ -206,11 +217,12 @@ def check_model(binary: Path, model: Path, directions: list[str], logs: Path) ->
                             body = {"prompt": facts["renderer"].render(sentence, src, tgt), "n_predict": budget,
                                     **sampling}
                             got = post(server.port, "/completion", body)["content"]
-                        rows.append({"source": sentence, "edge_translate": expected, "server": got, "same": got == expected})
+                        rows.append({"source": sentence, "edge_translate": expected, "server": got, "same": got == expected,
+                                     "same_as_batched": got == batched[direction][ALL_SENTENCES.index(sentence)]})
                     same = sum(r["same"] for r in rows)
                     log(f"{model.name} [{name}] {direction} {label}: {same}/{len(rows)} identical")
                     cases.append({"direction": direction, "request": label, "identical": same, "of": len(rows),
-                                  "rows": rows})
+                                  "identical_to_batched": sum(r["same_as_batched"] for r in rows), "rows": rows})
             if name == "llama-server defaults":  # is flash attention (-fa auto) the whole difference?
                 for case in cases:
                     src, tgt = case["direction"].split("->")
@@ -219,6 +231,7 @@ def check_model(binary: Path, model: Path, directions: list[str], logs: Path) ->
                         fa == r["server"] for fa, r in zip(with_fa, case["rows"]))
             out["configs"][name] = {"flags": flags, "server_settings": server.settings(),
                                     "identical": sum(c["identical"] for c in cases), "of": sum(c["of"] for c in cases),
+                                    "identical_to_batched": sum(c["identical_to_batched"] for c in cases),
                                     "cases": cases}
     return out
 
@@ -279,8 +292,9 @@ def main() -> int:
     for m in report["models"]:
         for name, c in m["configs"].items():
             fa = sum(case.get("identical_to_edge_translate_with_flash_attn", 0) for case in c["cases"])
-            log(f"{Path(m['model']).name} [{name}]: {c['identical']}/{c['of']} answers identical to edge-translate"
-                + (f" ({fa}/{c['of']} to edge-translate with flash attention on)" if name == "llama-server defaults" else ""))
+            log(f"{Path(m['model']).name} [{name}]: {c['identical']}/{c['of']} answers identical to edge-translate "
+                f"--batch-size 1, {c['identical_to_batched']}/{c['of']} to --batch-size {DEFAULT_BATCH_SIZE}"
+                + (f"; {fa}/{c['of']} to edge-translate with flash attention on" if name == "llama-server defaults" else ""))
     log(f"wrote {RESULTS.relative_to(REPO)}")
     return 0
 
