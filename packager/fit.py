@@ -268,7 +268,7 @@ model = ll.llama_model_load_from_file(sys.argv[1].encode(), mp)
 if not model:
     sys.exit(3)
 n_ctx = min(int(sys.argv[2]), ll.llama_model_n_ctx_train(model) or int(sys.argv[2]))
-cp = ll.llama_context_default_params()  # as runtime.backends.llama_cpp_backend sets them
+cp = ll.llama_context_default_params()  # as the llama.cpp backend sets them for one sequence (verify)
 cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, n_ctx, min(512, n_ctx)
 cp.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
 if not ll.llama_init_from_model(model, cp):
