@@ -168,3 +168,20 @@ def test_onnx_estimate_without_a_loadable_model_falls_back_to_twice_the_files(tm
     assert onnx_session_bytes(tmp_path / "model.onnx") is None
     assert estimate_ram_bytes(tmp_path / "model.onnx", "onnx", 1000) == int((RUNTIME_BYTES["onnx"] + 2000) * RAM_MARGIN)
     assert estimate_ram_bytes(tmp_path / "gone" / "model.onnx", "onnx", 1000) == int((RUNTIME_BYTES["onnx"] + 2000) * RAM_MARGIN)
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "models" / "default" / "config.json").is_file(),
+                    reason="models/default is not trained")
+def test_onnx_estimate_is_the_session_rss_plus_the_runtime_constant(tmp_path):
+    """The ONNX dry run loads the model in a child (weights read, nothing run): the session holds
+    at least the weights, and the estimate is that plus RUNTIME_BYTES and the margin."""
+    from converters.onnx.export import export_onnx
+    from packager.fit import MIB, RAM_MARGIN, RUNTIME_BYTES, estimate_ram_bytes, onnx_session_bytes
+
+    model = export_onnx(Path(__file__).resolve().parents[1] / "models" / "default", tmp_path / "onnx") / "model.onnx"
+    weights = sum(p.stat().st_size for p in model.parent.iterdir() if p.is_file())
+    session = onnx_session_bytes(model)
+    assert session is not None and weights < session < weights + 256 * MIB
+    # a second child's RSS reading: equal to within a few MiB
+    assert estimate_ram_bytes(model, "onnx", weights) == pytest.approx((RUNTIME_BYTES["onnx"] + session) * RAM_MARGIN,
+                                                                       abs=4 * MIB)
