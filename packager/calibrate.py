@@ -454,7 +454,7 @@ def parent_translations(loaded: LoadedModel, data: Sequence[Path], flat: list, p
     """The parent's greedy translations of every prompt: from the cache, from the whole model in
     transformers, or from a GGUF of the parent in llama.cpp (streamed runs). Returns the token
     ids and where they came from."""
-    from packager.distill import _key_digest, load_cached_outputs, write_cached_outputs
+    from packager.distill.targets import key_digest, load_cached_outputs, write_cached_outputs
 
     if settings.generator:
         generator = f"llama.cpp:{Path(settings.generator).name}"
@@ -466,7 +466,7 @@ def parent_translations(loaded: LoadedModel, data: Sequence[Path], flat: list, p
             "parent translates once, then its output is teacher-forced), use --teacher-forced, or --execution whole"
         )
     key = output_cache_key(loaded, data, settings, chat_template_sha, generator)
-    cache_file = Path(settings.cache_dir) / f"calibration-outputs-{_key_digest(key)[:16]}.jsonl" if settings.cache_dir else None
+    cache_file = Path(settings.cache_dir) / f"calibration-outputs-{key_digest(key)[:16]}.jsonl" if settings.cache_dir else None
     examples = [ex for _, ex in flat]
     if cache_file is not None:
         rows = load_cached_outputs(cache_file, key, examples)

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 from tiny_models import SPECIAL_TOKENS, WORDS, build_tiny
 
-import packager.distill as distill_module
+import packager.distill.targets as targets_module
 from packager import load_pruned
 from packager.core.checkpoint import CheckpointReader
 from packager.distill import PROVENANCE_NAME, DistillError, DistillSettings, distill
@@ -102,17 +102,17 @@ def pruned(parent, work) -> Path:
 def first_run(pruned, parent, data, work):
     """The reference run: parent translates (cache miss), 12 steps."""
     calls = []
-    real = distill_module._load_parent
+    real = targets_module._load_parent
 
     def counting(path, dtype):
         calls.append(path)
         return real(path, dtype)
 
-    distill_module._load_parent = counting
+    targets_module._load_parent = counting
     try:
         result = distill(pruned, parent, [data], DistillSettings(**FAST), work / "distilled", cache_dir=work / "cache")
     finally:
-        distill_module._load_parent = real
+        targets_module._load_parent = real
     return result, calls
 
 
@@ -170,7 +170,7 @@ def test_cached_parent_outputs_are_reused(first_run, pruned, parent, data, work,
     def forbidden(*args):
         raise AssertionError("the parent must not be loaded when its outputs are cached")
 
-    monkeypatch.setattr(distill_module, "_load_parent", forbidden)
+    monkeypatch.setattr(targets_module, "_load_parent", forbidden)
     result = distill(pruned, parent, [data], DistillSettings(**FAST), work / "distilled-again", cache_dir=work / "cache")
     assert result.provenance["parent_outputs"]["cache"] == "hit"
     assert result.provenance["parent_outputs"]["cache_file"] == first_run[0].provenance["parent_outputs"]["cache_file"]
@@ -204,7 +204,7 @@ def test_interrupted_run_resumes_to_the_same_weights(first_run, pruned, parent, 
 
 
 def test_sft_on_references_never_loads_the_parent(pruned, parent, data, work, monkeypatch):
-    monkeypatch.setattr(distill_module, "_load_parent", lambda *args: pytest.fail("SFT must not run the parent"))
+    monkeypatch.setattr(targets_module, "_load_parent", lambda *args: pytest.fail("SFT must not run the parent"))
     settings = DistillSettings(**{**FAST, "targets": "references", "max_steps": 8})
     result = distill(pruned, parent, [data], settings, work / "sft", cache_dir=work / "cache")
     prov = result.provenance
@@ -286,7 +286,7 @@ def test_unfinished_and_empty_parent_outputs_are_dropped(pruned, parent, data, w
             rows.append({"pair": sample.pair, "source": sample.source, "ids": ids, "text": text, "finished": finished})
         return rows
 
-    monkeypatch.setattr(distill_module, "parent_outputs", fake_outputs)
+    monkeypatch.setattr(targets_module, "parent_outputs", fake_outputs)
     settings = DistillSettings(**{**FAST, "keep_unfinished": False, "max_steps": 1, "max_new_tokens": 7})
     result = distill(pruned, parent, [data], settings, work / "dropped", cache_dir=work / "cache-fake")
     sentences = result.provenance["sentences"]
@@ -296,7 +296,7 @@ def test_unfinished_and_empty_parent_outputs_are_dropped(pruned, parent, data, w
     result = distill(pruned, parent, [data], kept, work / "kept", cache_dir=work / "cache-fake")
     assert result.provenance["sentences"]["dropped"] == {"unfinished": 0, "empty": 20, "flagged": 0, "too_long": 0}
     # nothing usable left: a clear error
-    monkeypatch.setattr(distill_module, "parent_outputs",
+    monkeypatch.setattr(targets_module, "parent_outputs",
                         lambda d, samples, s, p=None: [{**row, "finished": False} for row in fake_outputs(d, samples, s)])
     nothing = DistillSettings(**{**FAST, "keep_unfinished": False, "max_new_tokens": 6})
     with pytest.raises(DistillError, match=r"only 0 usable training example\(s\) after dropping \{'unfinished': 60"):
@@ -326,7 +326,7 @@ def test_flagged_parent_outputs_are_dropped(pruned, parent, data, work, monkeypa
             rows.append({"pair": sample.pair, "source": sample.source, "ids": [40, 41, 2], "text": text, "finished": True})
         return rows
 
-    monkeypatch.setattr(distill_module, "parent_outputs", fake_outputs)
+    monkeypatch.setattr(targets_module, "parent_outputs", fake_outputs)
     settings = DistillSettings(**{**FAST, "drop_flagged": True, "max_steps": 1})
     result = distill(pruned, parent, [data], settings, work / "flagged", cache_dir=work / "cache-flagged")
     sentences = result.provenance["sentences"]

@@ -54,7 +54,7 @@ def distill_command(pruned_dir: Path, parent_dir: Path, data: tuple[Path, ...], 
 
     Every parameter of PRUNED_DIR is trained (full fine-tune); the output is a pruned
     checkpoint that the export commands accept. For a 20-30B parent on a GPU see the
-    notes at the top of packager/distill.py (--device cuda --dtype bfloat16 --lr 1e-5 ...)."""
+    notes at the top of packager/distill/__init__.py (--device cuda --dtype bfloat16 --lr 1e-5 ...)."""
     from packager.calibrate import CalibrationError, parse_pair_list
     from packager.distill import DistillError, DistillSettings, distill
 
