@@ -29,11 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import sys
 import time
 from pathlib import Path
+
+from packager.batching import collate, token_batches
 
 MODEL_LANGS = ("en", "de", "fr", "es", "ru", "ja", "zh")
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|sep|>"] + [f"<|{code}|>" for code in MODEL_LANGS]
@@ -151,40 +152,10 @@ def epoch_order(weights: list[float] | None, n: int, rng: random.Random) -> list
 
 
 def bucketed_batches(examples, tokens_per_batch: int, rng: random.Random, weights: list[float] | None = None):
-    """Sort by length inside large random windows, cut into ~equal-token batches, shuffle."""
+    """One epoch's batches: the weighted order, sorted by length inside large random windows, cut into
+    ~equal-token batches, shuffled."""
     order = epoch_order(weights, len(examples), rng)
-    rng.shuffle(order)
-    window = 20000
-    batches = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start:start + window], key=lambda i: len(examples[i][0]))
-        batch, longest = [], 0
-        for i in chunk:
-            length = len(examples[i][0])
-            if batch and max(longest, length) * (len(batch) + 1) > tokens_per_batch:
-                batches.append(batch)
-                batch, longest = [], 0
-            batch.append(i)
-            longest = max(longest, length)
-        if batch:
-            batches.append(batch)
-    rng.shuffle(batches)
-    return batches
-
-
-def collate(examples, batch, pad_id: int):
-    import torch
-
-    longest = max(len(examples[i][0]) for i in batch)
-    ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), longest), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), longest), dtype=torch.long)
-    for row, i in enumerate(batch):
-        tokens, prompt_len = examples[i]
-        ids[row, :len(tokens)] = torch.tensor(tokens)
-        labels[row, prompt_len:len(tokens)] = torch.tensor(tokens[prompt_len:])
-        mask[row, :len(tokens)] = 1
-    return ids, labels, mask
+    return token_batches(examples, tokens_per_batch, rng, order=order, window=20000)
 
 
 def save_checkpoint(work: Path, model, optimizer, state: dict, ema: dict | None = None) -> None:

@@ -16,10 +16,10 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
+from packager.batching import collate, token_batches
 from packager.distill.settings import DistillSettings
 
 if TYPE_CHECKING:
@@ -33,8 +33,7 @@ BEST_NAME = "best.safetensors"
 OPTIMIZER_NAME = "optimizer.safetensors"
 
 
-@dataclass
-class Example:
+class Example(NamedTuple):  # a tuple, as packager.batching takes it
     ids: list[int]
     prompt_len: int
 
@@ -48,43 +47,6 @@ def build_examples(samples: list[Sample], prompts: list[list[int]], eos_id: int,
             continue
         examples.append(Example(ids, len(prompt)))
     return examples, dropped
-
-
-def token_batches(examples: list[Example], batch_tokens: int, rng: random.Random) -> list[list[int]]:
-    """Length-bucketed batches of at most `batch_tokens` padded tokens, in random order."""
-    order = list(range(len(examples)))
-    rng.shuffle(order)
-    window = 4096
-    batches = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start:start + window], key=lambda i: len(examples[i].ids))
-        batch, longest = [], 0
-        for i in chunk:
-            length = len(examples[i].ids)
-            if batch and max(longest, length) * (len(batch) + 1) > batch_tokens:
-                batches.append(batch)
-                batch, longest = [], 0
-            batch.append(i)
-            longest = max(longest, length)
-        if batch:
-            batches.append(batch)
-    rng.shuffle(batches)
-    return batches
-
-
-def collate(examples: list[Example], batch: list[int], pad_id: int, device: str = "cpu"):
-    import torch
-
-    longest = max(len(examples[i].ids) for i in batch)
-    ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), longest), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), longest), dtype=torch.long)
-    for row, i in enumerate(batch):
-        ex = examples[i]
-        ids[row, :len(ex.ids)] = torch.tensor(ex.ids)
-        labels[row, ex.prompt_len:len(ex.ids)] = torch.tensor(ex.ids[ex.prompt_len:])
-        mask[row, :len(ex.ids)] = 1
-    return ids.to(device), labels.to(device), mask.to(device)
 
 
 def batch_loss(model, ids, labels, mask):
