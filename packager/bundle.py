@@ -23,12 +23,12 @@ import math
 import os
 import sys
 import tarfile
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from packager import __version__
 from packager.core.errors import OutputExistsError, PackagerError
+from packager.core.provenance import created_utc
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def make_bundle(export: str | os.PathLike, metrics_path: str | os.PathLike, out:
         bundle_provenance = {
             "packager_version": __version__,
             "command": " ".join(sys.argv),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **created_utc(),  # SOURCE_DATE_EPOCH or nothing: same inputs, same bytes
             "export": str(Path(export)),
             "metrics": str(metrics_path),
             "metrics_sha256": hashlib.sha256(Path(metrics_path).read_bytes()).hexdigest(),

@@ -32,7 +32,7 @@ from packager.core.checkpoint import (
 from packager.core.errors import CheckpointError, OutputExistsError
 from packager.core.fingerprint import bytes_to_float32, file_sha256, fingerprint_from_parts, model_fingerprint
 from packager.core.plan_file import Plan, validate_plan
-from packager.core.provenance import versions
+from packager.core.provenance import created_unix, versions
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ def prune_checkpoint(model_dir: str | os.PathLike, plan: Plan | str | os.PathLik
                                "max_shard_bytes": max_shard_bytes, "copied_files": copied},
                     "command": sys.argv,
                     "versions": versions("safetensors", "torch", "transformers"),
-                    "created_unix": int(time.time()),
+                    **created_unix(),  # SOURCE_DATE_EPOCH or nothing: same inputs, same bytes
                 }
                 if extra_provenance:
                     provenance.update(extra_provenance)

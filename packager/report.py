@@ -23,13 +23,13 @@ import json
 import logging
 import os
 import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from packager import __version__
 from packager.core.errors import PackagerError
+from packager.core.provenance import created_utc
 
 logger = logging.getLogger(__name__)
 
@@ -473,7 +473,7 @@ def render_html(packs_rows: dict[str, list[dict]], plots: dict[str, str], info: 
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Size vs quality report</title><style>{CSS}</style></head><body>",
              "<h1>Edge translation bundles: size vs quality</h1>",
              f"<p class='meta'>{info['n_models']} verified models in {len(packs_rows)} language pack(s) · test set "
-             f"<code>{html.escape(', '.join(f'{name} ({digest[:19]})' for name, digest in sorted(info['test_splits'].items())) or ', '.join(info['test_files']))}</code> · generated {html.escape(info['created'])} by packager {__version__}</p>"]
+             f"<code>{html.escape(', '.join(f'{name} ({digest[:19]})' for name, digest in sorted(info['test_splits'].items())) or ', '.join(info['test_files']))}</code> · generated{html.escape(' ' + info['created'] if 'created' in info else '')} by packager {__version__}</p>"]
     for pack, rows in packs_rows.items():
         parts.append(f"<h2>Pack {html.escape(pack)}</h2>")
         directions = ", ".join(sorted({d for r in rows for d in r["directions"]}))
@@ -541,7 +541,7 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
         # content hash of each test split, so two reports can be told to score the same data
         "test_splits": {run.metrics.get("test", {}).get("file", ""): "sha256:" + run.metrics.get("test", {}).get("sha256", "")
                         for run in runs if run.metrics.get("test", {}).get("sha256")},
-        "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        **created_utc(fmt="%Y-%m-%d %H:%M UTC"),  # SOURCE_DATE_EPOCH or nothing: same inputs, same bytes
     }
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -563,7 +563,7 @@ def build_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
                   for pack, rows in packs_rows.items()},
         "provenance": {
             "command": command,
-            "created": info["created"],
+            **({"created": info["created"]} if "created" in info else {}),
             "packager_version": __version__,
             "inputs": {str(run.path): file_sha256(run.path) for run in runs},
             "test_splits": info["test_splits"],

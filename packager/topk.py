@@ -24,10 +24,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 from packager.core.errors import OutputExistsError, PackagerError
+from packager.core.provenance import created_unix
 
 REDUCTION_NAME = "reduction.json"
 
@@ -90,7 +90,7 @@ def reduce_top_k(model_dir: str | os.PathLike, out_dir: str | os.PathLike, top_k
             "format": "edge-packager-topk", "version": 1, "family": arch.family,
             "top_k": {"from": current, "to": top_k, "config_key": arch.top_k_key},
             "input": {"dir": str(model_dir.absolute()), "fingerprint": input_fingerprint},
-            "model_fingerprint": fingerprint, "created_unix": int(time.time()),
+            "model_fingerprint": fingerprint, **created_unix(),
         })
         fsync_dir(staging)
         if out_dir.exists():

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -41,6 +40,7 @@ def create_command(stats_path: Path, langs: str, direction: str, drop_ratio: flo
     from packager import __version__
     from packager.core.errors import OutputExistsError
     from packager.core.fingerprint import file_sha256, model_fingerprint
+    from packager.core.provenance import created_utc
     from packager.planning import PlanSettings, make_plan
     from packager.core.stats import RoutingStats, StatsError
 
@@ -58,7 +58,7 @@ def create_command(stats_path: Path, langs: str, direction: str, drop_ratio: flo
         spans=tuple(s.strip() for s in spans.split(",")), uniform=uniform,
     )
     provenance = {"command": shlex.join(sys.argv), "stats": {"path": str(stats_path), "sha256": file_sha256(stats_path)},
-                  "versions": {"packager": __version__}, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                  "versions": {"packager": __version__}, **created_utc()}
     plan = make_plan(stats, settings, provenance)
     plan.save(out_path)
     counts = [len(plan.keep[layer_idx]) for layer_idx in sorted(plan.keep)]
@@ -171,6 +171,7 @@ def search_command(stats_path: Path, model_dir: Path, dev_path: Path, langs: str
     from packager import __version__
     from packager.core.errors import OutputExistsError
     from packager.core.fingerprint import file_sha256
+    from packager.core.provenance import created_utc
     from packager.plan_search import Budgets, SearchError, SearchSettings, parse_size_budget, search, write_outputs
     from packager.core.stats import RoutingStats
 
@@ -196,7 +197,7 @@ def search_command(stats_path: Path, model_dir: Path, dev_path: Path, langs: str
     work = work_dir or out_path.with_name(out_path.name + ".search")
     provenance = {"command": shlex.join(sys.argv), "stats": {"path": str(stats_path), "sha256": file_sha256(stats_path)},
                   "dev": {"path": str(dev_path), "sha256": file_sha256(dev_path)},
-                  "versions": {"packager": __version__}, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                  "versions": {"packager": __version__}, **created_utc()}
     result = search(stats, model_dir, dev_path, budgets, settings, work, progress=True, provenance=provenance)
     frontier_json = out_path.with_suffix(".frontier.json")
     write_outputs(result, out_path, frontier_json, out_path.with_suffix(".frontier.png"))
