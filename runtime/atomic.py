@@ -32,9 +32,10 @@ OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EAC
 class OutputError(EdgeError, OSError):
     """An output that cannot be written (full disk, read-only or missing folder, permission)."""
 
-    def __init__(self, code: int | None, message: str) -> None:
+    def __init__(self, code: int | None, message: str, path: Path | None = None) -> None:
         super().__init__(code, message)
         self.message = message
+        self.path = path  # the output it names
 
     def __str__(self) -> str:
         return self.message
@@ -61,7 +62,7 @@ def output_error(path: str | os.PathLike, exc: OSError, needed_bytes: int | None
         message = f"{path}: the output folder {path.parent} does not exist; create it or choose another path"
     else:
         message = f"{path}: cannot write ({exc.strerror or exc})"
-    return OutputError(code, message)
+    return OutputError(code, message, path)
 
 
 def _existing_parent(path: Path) -> Path:

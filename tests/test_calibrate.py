@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -385,3 +386,28 @@ def test_every_family_records_routing_and_reap_without_changing_the_output(famil
         recorder.remove()
     assert recorder.reap_sum.sum() > 0
     torch.testing.assert_close(recorded, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["--teacher-forced", "--generate"])
+def test_a_full_disk_is_one_error_line_and_nothing_half_written(random_model, tmp_path, monkeypatch, capsys, mode):
+    from full_disk import FullDisk
+
+    from packager.cli import main
+
+    data = _write_data(tmp_path / "data.jsonl", SENTENCES)
+    out = tmp_path / "out"
+    out.mkdir()
+    FullDisk(out, 512).install(monkeypatch)
+    args = ["packager", "calibrate", str(random_model), "--data", str(data), "--pairs", "en-de", "--out",
+            str(out / "stats.st"), "--max-new-tokens", "4"] + ([mode] if mode == "--teacher-forced" else [])
+    monkeypatch.setattr(sys, "argv", args)
+    with pytest.raises(SystemExit) as stopped:
+        main()
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    # generating, the parent's translations are cached beside --out first: that write fails first
+    written = re.escape(str(out / "stats.st")) if mode == "--teacher-forced" else \
+        re.escape(str(out / "calibration-cache")) + r"/calibration-outputs-[0-9a-f]{16}\.jsonl"
+    assert re.fullmatch(rf"error: {written}: no space left on device \(needs [\d,]+ bytes, [\d,]+ free\); "
+                        r"free space or write elsewhere; nothing was written\n", err)
+    assert [p for p in out.rglob("*") if p.is_file()] == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -351,3 +352,37 @@ def test_flag_kinds_of_parent_outputs():
     assert flagged_outputs(samples, rows) == [[], ["repetition"], ["wrong_script"], []]
     with_placeholder = [Sample("en-de", "Cannot open %s: the disk is full.", "%s kann nicht geöffnet werden.")]
     assert flagged_outputs(with_placeholder, [{"text": "Kann nicht geöffnet werden: der Datenträger ist voll."}]) == [["lost_placeholder"]]
+
+
+SFT = dict(FAST, targets="references", max_steps=2)
+FULL_DISK = r": no space left on device \(needs [^)]*\); free space or write elsewhere; nothing was written$"
+
+
+@pytest.mark.parametrize("limit", [100, 20_000])  # transformers' own save fails, then the checkpoint writer
+def test_a_full_output_folder_is_one_error_line_and_leaves_nothing(pruned, parent, data, tmp_path, monkeypatch, limit):
+    from full_disk import FullDisk
+
+    from runtime.atomic import OutputError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    FullDisk(out, limit).install(monkeypatch)
+    with pytest.raises(OutputError) as caught:
+        distill(pruned, parent, [data], DistillSettings(**SFT), out / "distilled", work_dir=tmp_path / "work")
+    assert re.match(re.escape(str(out / "distilled")) + FULL_DISK, str(caught.value))
+    assert list(out.iterdir()) == []
+
+
+def test_a_full_disk_at_the_training_state_is_one_error_line(pruned, parent, data, tmp_path, monkeypatch):
+    from full_disk import FullDisk
+
+    from runtime.atomic import OutputError
+
+    work_dir = tmp_path / "work"
+    FullDisk(work_dir, 100).install(monkeypatch)
+    with pytest.raises(OutputError) as caught:
+        distill(pruned, parent, [data], DistillSettings(**SFT), tmp_path / "distilled", work_dir=work_dir)
+    assert re.match(re.escape(str(work_dir / "state.json")) + FULL_DISK, str(caught.value))
+    assert not (tmp_path / "distilled").exists()
+    # the weights are written whole (atomically) or not at all; without state.json a re-run starts over
+    assert sorted(p.name for p in work_dir.iterdir()) == ["best.safetensors", "model.safetensors", "optimizer.safetensors"]

@@ -3,9 +3,7 @@ wrapper raising ENOSPC after N bytes), a missing or read-only output folder, SIG
 same inputs give byte-identical files (GGUF, ONNX, pruned checkpoints, bundles, reports)."""
 from __future__ import annotations
 
-import builtins
 import errno
-import io
 import os
 import signal
 import subprocess
@@ -13,12 +11,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from full_disk import FullDisk
 from test_bundle import gguf_file, metrics_path, test_data, work  # noqa: F401 (fixtures)
 from test_gguf import KEEP, build_model
 from test_report import runs  # noqa: F401 (fixture)
 
+import converters.gguf.quantize as quantize_module
 from converters.gguf.export import export_gguf
+from converters.gguf.errors import QuantizeError
 from converters.gguf.prune_gguf import prune_gguf
+from converters.gguf.quantize import quantize_gguf
 from converters.onnx.export import export_onnx
 from packager.bundle import make_bundle
 from packager.core.fingerprint import model_fingerprint
@@ -28,69 +30,6 @@ from packager.report import build_report
 from runtime.atomic import OutputError, atomic_output, atomic_write_json
 
 VENV_BIN = Path(sys.executable).parent
-
-
-class FullDisk:
-    """Every write below `root` (Python file objects, also through pathlib, os.write, copy_file_range) raises ENOSPC
-    once `limit` bytes have been written there."""
-
-    def __init__(self, root: Path, limit: int) -> None:
-        self.root, self.limit, self.written = str(root), limit, 0
-
-    def charge(self, n: int) -> None:
-        if self.written + n > self.limit:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.written += n
-
-    def below(self, fd_or_path) -> bool:
-        try:
-            path = os.readlink(f"/proc/self/fd/{fd_or_path}") if isinstance(fd_or_path, int) else os.fspath(fd_or_path)
-        except OSError:
-            return False
-        return os.path.abspath(path).startswith(self.root)
-
-    def install(self, monkeypatch) -> None:
-        disk, real_open, real_write = self, builtins.open, os.write
-
-        class Limited:
-            def __init__(self, handle):
-                self._handle = handle
-
-            def write(self, data):
-                disk.charge(len(memoryview(data).cast("B")))
-                return self._handle.write(data)
-
-            def fileno(self):  # numpy's tofile writes through the descriptor: a full device
-                disk.charge(1)
-                return self._handle.fileno()
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                self._handle.close()
-
-            def __getattr__(self, name):
-                return getattr(self._handle, name)
-
-        def open_(file, mode="r", *args, **kwargs):
-            handle = real_open(file, mode, *args, **kwargs)
-            writing = any(flag in mode for flag in "wax+")
-            return Limited(handle) if writing and not isinstance(file, int) and disk.below(file) else handle
-
-        def write_(fd, data):
-            if disk.below(fd):
-                disk.charge(len(data))
-            return real_write(fd, data)
-
-        def no_kernel_copy(*args, **kwargs):
-            raise OSError(errno.EXDEV, "simulated: no kernel copy")
-
-        monkeypatch.setattr(builtins, "open", open_)
-        monkeypatch.setattr(io, "open", open_)  # what Path.open/write_bytes call
-        monkeypatch.setattr(os, "write", write_)
-        if hasattr(os, "copy_file_range"):
-            monkeypatch.setattr(os, "copy_file_range", no_kernel_copy)
 
 
 def _temps(folder: Path) -> list[str]:
@@ -175,6 +114,34 @@ def test_prune_gguf_on_a_full_disk(parent, plan_file, tmp_path, monkeypatch):
     FullDisk(out, 2048).install(monkeypatch)
     with pytest.raises(OutputError, match=rf"^{out / 'pruned.gguf'}: no space left on device"):
         prune_gguf(source, plan_file, out / "pruned.gguf")
+    assert list(out.iterdir()) == []
+
+
+def test_quantize_on_a_full_disk(parent, tmp_path, monkeypatch):
+    """llama.cpp writes the quantized file itself (native writes the wrapper cannot reach): its
+    failure beside a full folder is one line; a full disk at the export config leaves no GGUF."""
+    source = export_gguf(parent, tmp_path / "parent.gguf", dtype="f32")
+    out = tmp_path / "out"
+    out.mkdir()
+    FullDisk(out, 1024).install(monkeypatch)  # the quantized GGUF (native) fits, its export config does not
+    with pytest.raises(OutputError, match=rf"^{out / 'model.Q8_0.export.json'}: no space left on device"):
+        quantize_gguf(source, out / "model.Q8_0.gguf", "Q8_0")
+    assert list(out.iterdir()) == []
+    monkeypatch.undo()
+
+    import llama_cpp
+
+    def native_full_disk(src, dst, params):  # what llama.cpp returns when its write fails: 1, a partial file
+        Path(dst.decode()).write_bytes(b"GGUF partial")
+        return 1
+
+    monkeypatch.setattr(llama_cpp, "llama_model_quantize", native_full_disk)
+    monkeypatch.setattr(quantize_module, "_free_bytes", lambda directory: 4096)
+    with pytest.raises(QuantizeError) as caught:
+        quantize_gguf(source, out / "model.Q8_0.gguf", "Q8_0")
+    assert str(caught.value).startswith(f"{out / 'model.Q8_0.gguf'}: llama.cpp's quantizer failed for Q8_0 (code 1) "
+                                        "with 4,096 bytes free beside it; free space or write elsewhere")
+    assert "\n" not in str(caught.value)
     assert list(out.iterdir()) == []
 
 

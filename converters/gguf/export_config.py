@@ -71,7 +71,16 @@ def build_export_config(gguf_path: str | Path, quantization: dict[str, Any], pro
 
 
 def write_export_config(gguf_path: str | Path, quantization: dict[str, Any], provenance_extra: dict | None = None) -> Path:
-    config = build_export_config(gguf_path, quantization, provenance_extra)
-    path = config.save(export_config_path(gguf_path))
+    """Write FILE.export.json beside the just-written `gguf_path`. The two are one output: when the
+    config cannot be written (a full disk, Ctrl-C) the GGUF and any older config are removed too, so
+    no GGUF is left that the runtime would refuse for want of its config."""
+    path = export_config_path(gguf_path)
+    try:
+        config = build_export_config(gguf_path, quantization, provenance_extra)
+        config.save(path)
+    except BaseException:
+        Path(gguf_path).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+        raise
     logger.info("gguf: export config %s", path)
     return path

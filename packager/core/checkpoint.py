@@ -507,6 +507,7 @@ class CheckpointWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.abort()  # no-op after finalize()
-        if isinstance(exc, OSError) and not isinstance(exc, OutputError) and exc.errno in OUTPUT_ERRNOS:
-            # a full disk, a read-only or vanished folder: one line naming the output
+        staged = isinstance(exc, OutputError) and exc.path is not None and self.staging_dir in exc.path.parents
+        if isinstance(exc, OSError) and (staged or not isinstance(exc, OutputError)) and exc.errno in OUTPUT_ERRNOS:
+            # a full disk, a read-only or vanished folder: one line naming the output, not its staging folder
             raise output_error(self.out_dir, exc) from None

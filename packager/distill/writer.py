@@ -33,39 +33,51 @@ def _input_dtype(pruned_dir: Path):
 
 
 def write_output(model, pruned_dir: Path, out_dir: Path, provenance: dict, force: bool) -> Path:
-    """Weights through transformers' save (its on-disk layout), everything else from the input."""
+    """Weights through transformers' save (its on-disk layout), everything else from the input. A
+    full disk, a read-only or unwritable folder is one OutputError naming `out_dir`."""
     import tempfile
 
+    from runtime.atomic import OUTPUT_ERRNOS, OutputError, output_error
+
+    dtype = _input_dtype(pruned_dir)
+    model.to("cpu")
+    model.to(dtype)
+    try:
+        with tempfile.TemporaryDirectory(prefix=".distill-save-", dir=out_dir.parent) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True, max_shard_size="100GB")
+            _write_checkpoint(Path(tmp), pruned_dir, out_dir, dtype, provenance, force)
+    except OSError as exc:
+        if isinstance(exc, OutputError) or exc.errno not in OUTPUT_ERRNOS:
+            raise
+        raise output_error(out_dir, exc) from None
+    return out_dir
+
+
+def _write_checkpoint(saved_dir: Path, pruned_dir: Path, out_dir: Path, dtype, provenance: dict, force: bool) -> None:
+    """`out_dir` from the tensors transformers saved in `saved_dir` and the input's other files."""
     from packager.core.arch import load_arch
     from packager.core.checkpoint import CONFIG_NAME, INDEX_NAME, CheckpointReader, CheckpointWriter
     from packager.core.fingerprint import model_fingerprint
     from runtime.atomic import atomic_write_json
 
-    dtype = _input_dtype(pruned_dir)
-    model.to("cpu")
-    model.to(dtype)
-    with tempfile.TemporaryDirectory(prefix=".distill-save-", dir=out_dir.parent) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="100GB")
-        with CheckpointReader(pruned_dir) as before:
-            expected = {info.name: (info.dtype, info.shape) for info in before.infos()}
-            config = before.config
-        (Path(tmp) / CONFIG_NAME).write_text(json.dumps(config))  # the pruner's config, verbatim
-        with CheckpointReader(tmp) as saved, CheckpointWriter(out_dir, force=force) as writer:
-            got = {info.name: (info.dtype, info.shape) for info in saved.infos()}
-            if got != expected:
-                arch = load_arch(config)
-                for layer_idx in arch.moe_layers(config):
-                    arch.detect_layout(layer_idx, arch.n_experts(config, layer_idx), set(got))
-                logger.info("distill: transformers wrote another tensor layout than the input (%d vs %d tensors)",
-                            len(got), len(expected))
-            for info in saved.infos():
-                writer.add_ranges(info.name, info.dtype, info.shape, [(info.path, info.offset, info.nbytes)])
-            for path in sorted(pruned_dir.iterdir()):
-                if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and path.name not in (INDEX_NAME, PROVENANCE_NAME):
-                    shutil.copy2(path, writer.staging_dir / path.name)
-            provenance["output"] = {"dtype": str(dtype).replace("torch.", ""), "tensors": len(got),
-                                    "same_layout_as_input": got == expected, "model_fingerprint": model_fingerprint(saved)}
-            atomic_write_json(writer.staging_dir / PROVENANCE_NAME, provenance)
-            writer.finalize()
-    return out_dir
-
+    with CheckpointReader(pruned_dir) as before:
+        expected = {info.name: (info.dtype, info.shape) for info in before.infos()}
+        config = before.config
+    (saved_dir / CONFIG_NAME).write_text(json.dumps(config))  # the pruner's config, verbatim
+    with CheckpointReader(saved_dir) as saved, CheckpointWriter(out_dir, force=force) as writer:
+        got = {info.name: (info.dtype, info.shape) for info in saved.infos()}
+        if got != expected:
+            arch = load_arch(config)
+            for layer_idx in arch.moe_layers(config):
+                arch.detect_layout(layer_idx, arch.n_experts(config, layer_idx), set(got))
+            logger.info("distill: transformers wrote another tensor layout than the input (%d vs %d tensors)",
+                        len(got), len(expected))
+        for info in saved.infos():
+            writer.add_ranges(info.name, info.dtype, info.shape, [(info.path, info.offset, info.nbytes)])
+        for path in sorted(pruned_dir.iterdir()):
+            if path.is_file() and not path.name.endswith(_WEIGHT_SUFFIXES) and path.name not in (INDEX_NAME, PROVENANCE_NAME):
+                shutil.copy2(path, writer.staging_dir / path.name)
+        provenance["output"] = {"dtype": str(dtype).replace("torch.", ""), "tensors": len(got),
+                                "same_layout_as_input": got == expected, "model_fingerprint": model_fingerprint(saved)}
+        atomic_write_json(writer.staging_dir / PROVENANCE_NAME, provenance)
+        writer.finalize()
