@@ -205,8 +205,9 @@ def test_pruned_export_equals_masked_parent(exports, parent):
 
 
 def test_routing_is_exact_for_many_inputs_not_frozen_to_the_example(exports, parent):
-    """FACTS.md: a traced expert loop can freeze the example's routing. Twenty inputs of other
-    lengths and batch sizes, whose routing differs, must all match transformers."""
+    """Tracing a data-dependent expert loop (which experts run depends on the router's choice) can
+    bake the example input's routing into the graph as constants. Twenty inputs of other lengths and
+    batch sizes, whose routing differs, must all match transformers."""
     model = hf(str(parent))
     session = open_session(exports["parent"] / MODEL_FILE)
     rng = np.random.default_rng(7)
