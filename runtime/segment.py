@@ -84,14 +84,16 @@ def pieces(text: str, language: str, fits: Callable[[str], bool], max_chars: int
         return
     parts = sentences(text, language) if len(text) > 1 else [text]
     for part in parts:
-        for is_text, run in _strip_runs(part):
-            if not is_text:
-                if run:
-                    yield False, run
-            elif not has_letters(run):
-                yield False, run
-            else:
-                yield from _cut(run, fits, max_chars)
+        yield from _runs(part, fits, max_chars)
+
+
+def _runs(text: str, fits: Callable[[str], bool], max_chars: int) -> Iterator[tuple[bool | None, str]]:
+    """The white space around `text` and a run without letters pass through; the rest is cut until it fits."""
+    for is_text, run in _strip_runs(text):
+        if is_text and has_letters(run):
+            yield from _cut(run, fits, max_chars)
+        elif run:  # a text run is never empty: only empty white space is skipped
+            yield False, run
 
 
 def _cut(text: str, fits: Callable[[str], bool], max_chars: int) -> Iterator[tuple[bool | None, str]]:
@@ -103,11 +105,4 @@ def _cut(text: str, fits: Callable[[str], bool], max_chars: int) -> Iterator[tup
         yield None, text  # cannot be cut: the caller passes it through and warns
         return
     for half in split:
-        for is_text, run in _strip_runs(half):
-            if not is_text:
-                if run:
-                    yield False, run
-            elif not has_letters(run):
-                yield False, run
-            else:
-                yield from _cut(run, fits, max_chars)
+        yield from _runs(half, fits, max_chars)
