@@ -20,6 +20,7 @@ from packager.build import BuildError, load_build_config
 from packager.core.fingerprint import model_fingerprint
 from runtime.backends import export_config_path
 from runtime.bundle import load_bundle
+import packs_file
 from test_bundle import build_translator, write_test_data
 
 # Imported by every Python process started with this directory on PYTHONPATH (site imports
@@ -44,26 +45,7 @@ quant = ["F16", "Q8_0"]
 
 
 def packs_toml(parent: str = "parent.gguf", variants: str = VARIANT, extra: str = "") -> str:
-    return f'''
-parent = "{parent}"
-drop_ratios = [0.5]
-threads = 1
-{extra}
-[calibration]
-data = ["data.jsonl"]
-max_sentences = 4
-max_new_tokens = 6
-batch_size = 4
-
-[verify]
-test = "data.jsonl"
-max_new_tokens = 12
-bootstrap = 0
-{variants}
-[[pack]]
-name = "en-de-fr"
-directions = "en->de,fr"
-'''
+    return packs_file.packs_toml(parent, variants, extra=extra)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from tiny_models import build_tiny
 
 from packager.calibrate import CalibrationError, CalibrationSettings, calibrate, load_model, parse_pair_list
 from packager.planning import PlanSettings, expert_order, plan_keep
-from packager.core.stats import RoutingStats, merge_stats
+from packager.core.stats import merge_stats
 
 TEMPLATE = "{{ bos_token }}<|{{ source_lang }}|><|{{ target_lang }}|>{{ messages[0]['content'] }}<|sep|>"
 SENTENCES = [("the house is red", "das Haus ist rot"), ("open file", "Datei neu"), ("the red window", "Fenster rot")]
@@ -391,20 +391,16 @@ def test_every_family_records_routing_and_reap_without_changing_the_output(famil
 @pytest.mark.parametrize("mode", ["--teacher-forced", "--generate"])
 def test_a_full_disk_is_one_error_line_and_nothing_half_written(random_model, tmp_path, monkeypatch, capsys, mode):
     from full_disk import FullDisk
-
-    from packager.cli import main
+    from packager_cli import run_cli
 
     data = _write_data(tmp_path / "data.jsonl", SENTENCES)
     out = tmp_path / "out"
     out.mkdir()
     FullDisk(out, 512).install(monkeypatch)
-    args = ["packager", "calibrate", str(random_model), "--data", str(data), "--pairs", "en-de", "--out",
-            str(out / "stats.st"), "--max-new-tokens", "4"] + ([mode] if mode == "--teacher-forced" else [])
-    monkeypatch.setattr(sys, "argv", args)
-    with pytest.raises(SystemExit) as stopped:
-        main()
-    assert stopped.value.code == 1
-    err = capsys.readouterr().err
+    args = ["calibrate", str(random_model), "--data", str(data), "--pairs", "en-de", "--out", str(out / "stats.st"),
+            "--max-new-tokens", "4"] + ([mode] if mode == "--teacher-forced" else [])
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 1
     # generating, the parent's translations are cached beside --out first: that write fails first
     written = re.escape(str(out / "stats.st")) if mode == "--teacher-forced" else \
         re.escape(str(out / "calibration-cache")) + r"/calibration-outputs-[0-9a-f]{16}\.jsonl"

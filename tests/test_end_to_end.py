@@ -17,6 +17,7 @@ from rich.console import Console
 from packager.build import BuildError, build, load_build_config
 from packager.core.fingerprint import model_fingerprint
 from runtime.bundle import load_bundle
+import packs_file
 from test_bundle import build_translator, run_cli, write_test_data
 
 VENV_BIN = Path(sys.executable).parent
@@ -34,27 +35,7 @@ quant = ["fp32"]
 
 
 def packs_toml(drops: str = "[0.5]") -> str:
-    return f'''
-parent = "parent"
-drop_ratios = {drops}
-threads = 1
-archive = true
-
-[calibration]
-data = ["data.jsonl"]
-max_sentences = 4
-max_new_tokens = 6
-batch_size = 4
-
-[verify]
-test = "data.jsonl"
-max_new_tokens = 12
-bootstrap = 0
-{VARIANTS}
-[[pack]]
-name = "en-de-fr"
-directions = "en->de,fr"
-'''
+    return packs_file.packs_toml("parent", VARIANTS, drops, extra="archive = true")
 
 
 def quiet() -> Console:

@@ -4,28 +4,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+from packager_cli import run_cli
 from tiny_models import build_tiny
 
-from packager import cli
 from packager.core.arch import load_arch
 from packager.core.fingerprint import model_fingerprint
 from packager.core.plan_file import Plan
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()  # drop output of earlier steps (model building)
-    monkeypatch.setattr(sys, "argv", ["packager", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +20,10 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from packager_cli import run_cli
 from tiny_models import build_tiny
 
-from packager import cli, load_pruned
+from packager import load_pruned
 from packager.core.arch import PER_LAYER_COUNTS_KEY, load_arch
 from packager.core.checkpoint import CheckpointReader
 from packager.core.errors import CheckpointError
@@ -441,17 +441,6 @@ def test_gguf_export_dequantises_exactly(tmp_path, case):
 
 
 # ------------------------------------------------------------------------ bad input
-def _run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str]:
-    capsys.readouterr()
-    monkeypatch.setattr(sys, "argv", ["packager", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    return code, capsys.readouterr().err
-
-
 def _corrupt_unknown_method(model_dir: Path) -> str:
     config = _config(model_dir)
     config["quantization_config"]["quant_method"] = "bitsandbytes"
@@ -524,7 +513,7 @@ def test_bad_quantized_input_is_one_error_line_and_nothing_written(monkeypatch, 
         ("export", "gguf", str(parent), "--out", str(work / "m.gguf"), "--dtype", "f32"),
     ]
     for args in commands:
-        code, err = _run_cli(monkeypatch, capsys, *args)
+        code, _, err = run_cli(monkeypatch, capsys, *args)
         lines = err.strip().splitlines()
         assert code == 1 and len(lines) == 1 and lines[0].startswith("error: "), (args[0], err)
         assert fragment in lines[0], (args[0], lines[0])
