@@ -35,8 +35,7 @@ from typing import Sequence
 
 # the torch-free pieces shared with the llama.cpp backend (packager.calibrate_gguf), re-exported here
 from packager.calibration_data import (  # noqa: F401
-    PROMPT_FIELDS, SLOTS, CalibrationError, CalibrationSettings, Example, PromptBuilder, check_prompt_template,
-    parse_pair_list, read_examples,
+    SLOTS, CalibrationError, CalibrationSettings, PromptBuilder, check_prompt_template, read_examples,
 )
 from packager.core.errors import PackagerError
 from packager.core.stats import MODE_SPAN, SEQUENCE, RoutingStats, empty_stats

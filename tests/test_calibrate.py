@@ -17,7 +17,8 @@ import torch
 
 from tiny_models import build_tiny
 
-from packager.calibrate import CalibrationError, CalibrationSettings, calibrate, load_model, parse_pair_list
+from packager.calibrate import CalibrationError, CalibrationSettings, calibrate, load_model
+from packager.calibration_data import parse_pair_list
 from packager.planning import PlanSettings, expert_order, plan_keep
 from packager.core.stats import merge_stats
 

@@ -19,7 +19,6 @@ from tiny_models import SPECIAL_TOKENS, WORDS, build_tiny
 
 import packager.distill.targets as targets_module
 from packager import load_pruned
-from packager.core.checkpoint import CheckpointReader
 from packager.distill import PROVENANCE_NAME, DistillError, DistillSettings, distill
 from packager.core.errors import OutputExistsError
 from packager.core.fingerprint import model_fingerprint

@@ -311,8 +311,6 @@ def test_kill_midway_leaves_no_output(parents, tmp_path):
 def test_nonuniform_tied_embeddings_save_and_reload(tmp_path):
     """A non-uniform model loaded with load_pruned can be saved (e.g. after distillation) and reloaded."""
     parent_dir = build_tiny("qwen3_moe", tmp_path / "tied", tie_word_embeddings=True, num_hidden_layers=3)
-    config = _config(parent_dir)
-    arch = load_arch(config)
     keep = {0: [0, 1, 2, 3, 4, 5], 1: [2, 6], 2: [1, 3, 5, 7]}
     out_dir = prune_checkpoint(parent_dir, Plan(model_fingerprint(parent_dir), keep), tmp_path / "pruned")
     pruned = load_pruned(out_dir, dtype=torch.float32).eval()

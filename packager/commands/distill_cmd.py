@@ -55,7 +55,7 @@ def distill_command(pruned_dir: Path, parent_dir: Path, data: tuple[Path, ...], 
     Every parameter of PRUNED_DIR is trained (full fine-tune); the output is a pruned
     checkpoint that the export commands accept. For a 20-30B parent on a GPU see the
     notes at the top of packager/distill/__init__.py (--device cuda --dtype bfloat16 --lr 1e-5 ...)."""
-    from packager.calibrate import CalibrationError, parse_pair_list
+    from packager.calibration_data import CalibrationError, parse_pair_list
     from packager.distill import DistillError, DistillSettings, distill
 
     try:

@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from packager.core.errors import CheckpointError, OutputExistsError
-from runtime.atomic import (  # noqa: F401 - the one implementation; atomic_write_bytes re-exported
-    OUTPUT_ERRNOS, OutputError, atomic_write_bytes, atomic_write_json, fsync_dir, output_error)
+from runtime.atomic import OUTPUT_ERRNOS, OutputError, atomic_write_json, fsync_dir, output_error
 
 logger = logging.getLogger(__name__)
 
