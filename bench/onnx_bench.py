@@ -30,6 +30,7 @@ import threading
 import time
 from pathlib import Path
 
+from bench.gguf_bench import _measured, _packager
 from runtime.memory import proc_status
 
 REPO = Path(__file__).resolve().parent.parent
@@ -117,19 +118,6 @@ def _worker(job_file: str) -> int:
 
 
 # ----------------------------------------------------------------------------- the driver
-def _packager() -> list[str]:
-    binary = Path(sys.executable).parent / "packager"
-    return [str(binary)] if binary.exists() else [sys.executable, "-m", "packager.cli"]
-
-
-def _measured(cmd: list[str]) -> dict:
-    from bench.prune_bench import run_measured
-
-    result = run_measured(cmd)
-    result.pop("stdout", None)
-    return result
-
-
 def _sentences(limit: int) -> list[tuple[str, str, str]]:
     path = REPO / "data" / "harvest" / "test.jsonl"
     rows = []

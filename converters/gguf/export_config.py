@@ -10,26 +10,13 @@ from typing import Any
 
 from converters.gguf.families import KEY_FINGERPRINT, KEY_PARENT_FINGERPRINT, KEY_PLAN, KEY_SOURCE
 from converters.gguf.gguf_file import field_value, model_facts, open_gguf
+from packager.core.plan_file import plan_languages
 from runtime.backends import export_config_path
-from runtime.languages import parse_language
-from runtime.errors import LanguageError
 from runtime.schema import ExportConfig
 
 logger = logging.getLogger(__name__)
 
 SPECIAL_ROLES = ("bos", "eos", "pad", "unk", "sep")
-
-
-def _languages(plan: dict | None) -> list[str]:
-    codes = []
-    for item in ((plan or {}).get("meta") or {}).get("languages") or []:
-        try:
-            code = parse_language(item).code
-        except (LanguageError, TypeError):
-            continue
-        if code not in codes:
-            codes.append(code)
-    return codes
 
 
 def build_export_config(gguf_path: str | Path, quantization: dict[str, Any], provenance_extra: dict | None = None) -> ExportConfig:
@@ -64,7 +51,7 @@ def build_export_config(gguf_path: str | Path, quantization: dict[str, Any], pro
         quantization=quantization,
         parent_fingerprint=parent,
         plan=plan,
-        languages=_languages(plan),
+        languages=plan_languages(plan),
         provenance=provenance,
         extra={"gguf_arch": facts.gguf_arch},
     )

@@ -32,6 +32,7 @@ from converters.onnx.errors import OnnxExportError
 from converters.onnx.options import DEFAULT_FORMULATION, DTYPES, FORMULATIONS, SUPPORTED_FAMILIES
 from converters.onnx.quantize import check_quant
 from packager.core.errors import OutputExistsError, PackagerError
+from packager.core.plan_file import plan_languages
 from runtime.atomic import atomic_output
 from runtime.memory import proc_status
 from runtime.backends import export_config_path
@@ -180,21 +181,6 @@ def _input_files(model_dir: Path, hash_inputs: bool) -> dict:
                 entry["sha256"] = file_sha256(path)
             files[path.name] = entry
     return files
-
-
-def _languages(plan: dict | None) -> list[str]:
-    from runtime.errors import LanguageError
-    from runtime.languages import parse_language
-
-    codes = []
-    for item in ((plan or {}).get("meta") or {}).get("languages") or []:
-        try:
-            code = parse_language(item).code
-        except (LanguageError, TypeError):
-            continue
-        if code not in codes:
-            codes.append(code)
-    return codes
 
 
 # ------------------------------------------------------------------------------ the export
@@ -347,7 +333,7 @@ def export_onnx(
                 quantization=quantization,
                 parent_fingerprint=parent_fingerprint,
                 plan=plan,
-                languages=_languages(plan),
+                languages=plan_languages(plan),
                 provenance={
                     "model_fingerprint": fingerprint,
                     "source": {"model_dir": str(model_dir.absolute()), "files": _input_files(model_dir, hash_inputs)},

@@ -177,3 +177,20 @@ def validate_plan(plan: Plan, arch, config, fingerprint: str | None) -> None:
             problem = _group_problem(arch, config, layer_idx, ids, n_experts)
             if problem:
                 raise PlanError(f"{where}: {problem}")
+
+
+def plan_languages(plan: dict | None) -> list[str]:
+    """The language codes in a plan's `meta.languages` (a plan dict, as exports embed it), in order,
+    each once; entries that name no known language are skipped."""
+    from runtime.errors import LanguageError
+    from runtime.languages import parse_language
+
+    codes = []
+    for item in ((plan or {}).get("meta") or {}).get("languages") or []:
+        try:
+            code = parse_language(item).code
+        except (LanguageError, TypeError):
+            continue
+        if code not in codes:
+            codes.append(code)
+    return codes
