@@ -19,7 +19,7 @@ from packager.verify import VerifyError, load_metrics, segments_file, verify
 from runtime.backends import open_backend
 from runtime.bundle import BundleError, DirectionError, load_bundle
 from runtime.errors import SchemaError
-from tiny_models import SPECIAL_TOKENS, WORDS, build_tiny
+from tiny_models import WORDS, build_tiny, byte_bpe
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -35,16 +35,8 @@ PAIRS = {
 
 def write_bpe_tokenizer(model_dir: Path, vocab_size: int) -> None:
     """Byte-level BPE (what the GGUF exporter accepts) trained on a few words and pairs."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     corpus = [" ".join(WORDS)] * 5 + [text for rows in PAIRS.values() for pair in rows for text in pair] * 5
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(corpus, trainer)
-    tokenizer.save(str(model_dir / "tokenizer.json"))
+    byte_bpe(corpus, vocab_size).save(str(model_dir / "tokenizer.json"))
     (model_dir / "chat_template.jinja").write_text(TEMPLATE)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from import_blocker import blocker
 
 from converters.gguf.export import export_gguf
 from packager.calibrate import calibrate
@@ -118,23 +119,12 @@ def test_batching_does_not_change_the_statistics(work, monkeypatch):
 
 
 # ---- torch-free chain -----------------------------------------------------------------------------
-BLOCKER = textwrap.dedent("""
-    import sys
-    class Block:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "transformers"):
-                raise ImportError(f"{name} is blocked in this test")
-            return None
-    sys.meta_path.insert(0, Block())
-""")
-
-
 def test_gguf_chain_runs_with_torch_and_transformers_blocked(work):
     _, gguf_file = family_model("qwen3_moe", work)
     data = write_data(work / "chain.jsonl")
     out = work / "chain"
     out.mkdir()
-    script = BLOCKER + textwrap.dedent(f"""
+    script = blocker("torch", "transformers") + textwrap.dedent(f"""
         from click.testing import CliRunner
         from packager.cli import cli
         runner = CliRunner()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_models import SPECIAL_TOKENS, WORDS, build_tiny
+from tiny_models import WORDS, build_tiny, byte_bpe
 
 import packager.distill.targets as targets_module
 from packager import load_pruned
@@ -57,15 +57,7 @@ def _harvest_records(limit: int) -> list[dict]:
 
 
 def _write_bpe_tokenizer(model_dir: Path, records: list[dict]) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator([r[k] for r in records for k in ("src", "tgt")], trainer)
-    tokenizer.save(str(model_dir / "tokenizer.json"))
+    byte_bpe([r[k] for r in records for k in ("src", "tgt")], VOCAB).save(str(model_dir / "tokenizer.json"))
 
 
 @pytest.fixture(scope="module")

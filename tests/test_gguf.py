@@ -31,7 +31,7 @@ from packager.prune import prune_checkpoint
 from runtime.backends import export_config_path, open_backend
 from runtime.errors import BackendError
 from runtime.schema import ExportConfig
-from tiny_models import SPECIAL_TOKENS, WORDS, build_tiny
+from tiny_models import SPECIAL_TOKENS, WORDS, build_tiny, byte_bpe
 
 REPO = Path(__file__).resolve().parents[1]
 HARVEST = REPO / "data" / "harvest"
@@ -75,16 +75,8 @@ def write_bpe_tokenizer(model_dir: Path, vocab_size: int = VOCAB) -> None:
 
 @lru_cache(maxsize=2)
 def _bpe_json(vocab_size: int) -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     corpus = _harvest_lines("dev", 3000) or [" ".join(WORDS)] * 10
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(corpus, trainer)
-    return tokenizer.to_str()
+    return byte_bpe(corpus, vocab_size).to_str()
 
 
 def build_model(family: str, out_dir: Path, **overrides) -> Path:

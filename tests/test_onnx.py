@@ -8,7 +8,6 @@ and size are recorded in the export config and printed here.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -35,7 +34,8 @@ from runtime.backends import export_config_path, open_backend
 from runtime.backends.onnx_backend import OnnxBackend, past_names
 from runtime.errors import BackendError
 from runtime.schema import ExportConfig
-from tiny_models import SPECIAL_TOKENS, WORDS, build_tiny
+from import_blocker import run_blocked
+from tiny_models import WORDS, build_tiny, byte_bpe
 
 REPO = Path(__file__).resolve().parents[1]
 HARVEST = REPO / "data" / "harvest"
@@ -68,16 +68,8 @@ def harvest_sources(limit: int) -> list[str]:
 @lru_cache(maxsize=1)
 def bpe_json() -> str:
     """Byte-level BPE with the tiny models' special tokens, trained on real sentences."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     corpus = harvest_sources(2000) * 2 + [" ".join(WORDS)]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(corpus, trainer)
-    return tokenizer.to_str()
+    return byte_bpe(corpus, VOCAB).to_str()
 
 
 def build_parent(out_dir: Path, **overrides) -> Path:
@@ -376,24 +368,7 @@ def test_qmoe_matches_dequantized_reference(bits, block_size, tmp_path):
 
 
 # ------------------------------------------------------------------------------ without torch
-BLOCKER = textwrap.dedent(
-    """
-    import sys
-    BLOCKED = {"torch", "transformers", "safetensors", "onnx", "onnxscript", "packager", "converters"}
-
-    class Blocker:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
-                raise ModuleNotFoundError(f"blocked in this test: {name}", name=name)
-            return None
-
-    sys.meta_path.insert(0, Blocker())
-    """
-)
-
-
 def test_runtime_loop_runs_without_torch(exports, tmp_path):
-    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
     code = textwrap.dedent(
         """
         import json, sys
@@ -411,9 +386,8 @@ def test_runtime_loop_runs_without_torch(exports, tmp_path):
         print(json.dumps({"ids": ids, "text": text, "banned": banned, "backend": type(backend).__name__}))
         """
     )
-    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}")
-    result = subprocess.run([sys.executable, "-c", code, str(exports["nonuniform"])], env=env, capture_output=True,
-                            text=True, timeout=120)
+    blocked = ("torch", "transformers", "safetensors", "onnx", "onnxscript", "packager", "converters")
+    result = run_blocked(tmp_path, blocked, code, str(exports["nonuniform"]))
     assert result.returncode == 0, result.stderr
     got = json.loads(result.stdout.strip().splitlines()[-1])
     with open_backend(exports["nonuniform"], n_threads=1) as backend:

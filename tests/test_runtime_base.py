@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
+from import_blocker import run_blocked
 
 from runtime.backends import export_config_path, resolve_model
 from runtime.backends.base import Sampling, choose_token
@@ -18,7 +17,6 @@ from runtime.languages import Language, Pair, parse_language, parse_pair, parse_
 from runtime.prompt import PromptRenderer
 from runtime.schema import SCHEMA_VERSION, BundleManifest, ExportConfig, load_model_config
 
-REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}"
@@ -281,26 +279,12 @@ def test_resolve_model_paths(tmp_path):
 
 
 # -- runtime without torch -------------------------------------------------------------------
-BLOCKER = textwrap.dedent(
-    """
-    import sys
-    BLOCKED = {"torch", "transformers", "safetensors", "gguf", "onnx", "onnxscript", "sacrebleu", "packager"}
-
-    class Blocker:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
-                raise ModuleNotFoundError(f"blocked in this test: {name}", name=name)
-            return None
-
-    sys.meta_path.insert(0, Blocker())
-    """
-)
+# what the device runtime must not need
+BUILD_SIDE = ("torch", "transformers", "safetensors", "gguf", "onnx", "onnxscript", "sacrebleu", "packager")
 
 
 def run_without_torch(tmp_path: Path, code: str, *args: str) -> subprocess.CompletedProcess:
-    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
-    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}")
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=120)
+    return run_blocked(tmp_path, BUILD_SIDE, code, *args)
 
 
 def test_runtime_imports_and_runs_without_torch(tmp_path):

@@ -97,6 +97,20 @@ def _write_tokenizer(out_dir: Path, vocab_size: int) -> None:
     (out_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
 
 
+def byte_bpe(corpus: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer (what the GGUF exporter accepts) with the special tokens above,
+    trained on `corpus`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(corpus, trainer)
+    return tokenizer
+
+
 def build_tiny(family: str, out_dir, seed: int = 0, max_shard_size: str | None = None, **overrides) -> Path:
     """Save a tiny random fp32 checkpoint of `family` (config overrides as keyword args)."""
     from transformers import AutoModelForCausalLM, GenerationConfig
