@@ -43,14 +43,16 @@ def _measured(cmd: list[str]) -> dict:
     return result
 
 
-def _test_sentences(limit: int) -> list[tuple[str, str, str]]:
+def _test_sentences(limit: int, accept=lambda record: True) -> list[tuple[str, str, str]]:
+    """(source language, target language, source) of the first `limit` accepted harvest test records."""
     path = REPO / "data" / "harvest" / "test.jsonl"
     rows = []
     if path.is_file():
         with path.open(encoding="utf-8") as handle:
             for line in handle:
                 record = json.loads(line)
-                rows.append((record["src_lang"], record["tgt_lang"], record["src"]))
+                if accept(record):
+                    rows.append((record["src_lang"], record["tgt_lang"], record["src"]))
                 if len(rows) >= limit:
                     break
     return rows

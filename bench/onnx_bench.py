@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.gguf_bench import _measured, _packager
+from bench.gguf_bench import _measured, _packager, _test_sentences
 from runtime.memory import proc_status
 
 REPO = Path(__file__).resolve().parent.parent
@@ -119,16 +119,7 @@ def _worker(job_file: str) -> int:
 
 # ----------------------------------------------------------------------------- the driver
 def _sentences(limit: int) -> list[tuple[str, str, str]]:
-    path = REPO / "data" / "harvest" / "test.jsonl"
-    rows = []
-    if path.is_file():
-        with path.open(encoding="utf-8") as handle:
-            for line in handle:
-                record = json.loads(line)
-                if record["src_lang"] == "en" and 10 <= len(record["src"]) <= 80:
-                    rows.append((record["src_lang"], record["tgt_lang"], record["src"]))
-                if len(rows) >= limit:
-                    break
+    rows = _test_sentences(limit, lambda record: record["src_lang"] == "en" and 10 <= len(record["src"]) <= 80)
     return rows or [("en", "de", text) for text in FALLBACK_SENTENCES[:limit]]
 
 

@@ -335,18 +335,14 @@ def harvest_debian(package: str, cache: Path, locked: str | None = None):
         subprocess.run(["dpkg-deb", "-x", str(deb), tmp], check=True)
         root = Path(tmp)
         license_name = debian_license(root, package)
-        for mo in sorted(root.rglob("*.mo")):
-            lang = catalog_language(str(mo))
-            if lang is None:
-                continue
-            for src, tgt in read_catalog(mo):
-                yield lang, src, tgt, package, version, license_name
-        for qm in sorted(root.rglob("*.qm")):
-            lang = qm_language(str(qm))
-            if lang is None:
-                continue
-            for src, tgt in read_qm(qm):
-                yield lang, src, tgt, package, version, license_name
+        # gettext catalogs, then Qt ones
+        for pattern, language_of, read in (("*.mo", catalog_language, read_catalog), ("*.qm", qm_language, read_qm)):
+            for path in sorted(root.rglob(pattern)):
+                lang = language_of(str(path))
+                if lang is None:
+                    continue
+                for src, tgt in read(path):
+                    yield lang, src, tgt, package, version, license_name
 
 
 def harvest_pypi(name: str, version: str, license_name: str, cache: Path):
