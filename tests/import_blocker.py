@@ -29,7 +29,11 @@ def blocker(*roots: str) -> str:
 
 def run_blocked(tmp_path: Path, roots: tuple[str, ...], code: str, *args: str,
                 timeout: float = 120) -> subprocess.CompletedProcess:
-    """`python -c code args...` with `roots` blocked from the start (a sitecustomize.py in `tmp_path`)."""
+    """`python -c code args...` with `roots` blocked from the start (a sitecustomize.py in `tmp_path`);
+    the child exits with "blocker not active" if that sitecustomize was not loaded."""
     (tmp_path / "sitecustomize.py").write_text(blocker(*roots))
     env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}")
-    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    check = ("import sys\nif not any(type(f).__name__ == 'Blocker' for f in sys.meta_path):\n"
+             "    raise SystemExit('blocker not active')\n")
+    return subprocess.run([sys.executable, "-c", check + code, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from packager_cli import RUNNER_SCRIPT
 from tiny_models import build_tiny
 
 from packager.calibrate import CalibrationError, CalibrationSettings, calibrate, load_model
@@ -307,15 +308,7 @@ def _packager(*args, cwd=None):
 def test_cli_calibrate_merge_plan_chain(random_model, tmp_path):
     a = _write_data(tmp_path / "a.jsonl", SENTENCES[:2])
     b = _write_data(tmp_path / "b.jsonl", SENTENCES[2:])
-    script = f"""
-import sys
-from click.testing import CliRunner
-from packager.cli import cli
-runner = CliRunner()
-def run(*args):
-    result = runner.invoke(cli, list(args), catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    print(result.output)
+    script = RUNNER_SCRIPT + f"""
 run("calibrate", "{random_model}", "--data", "{a}", "--pairs", "en-de,de-en", "--teacher-forced", "--out", "{tmp_path}/a.st")
 run("calibrate", "{random_model}", "--data", "{b}", "--pairs", "en-de,de-en", "--teacher-forced", "--out", "{tmp_path}/b.st")
 run("stats", "merge", "{tmp_path}/a.st", "{tmp_path}/b.st", "--out", "{tmp_path}/ab.st")

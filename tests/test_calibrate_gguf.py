@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from import_blocker import blocker
+from packager_cli import RUNNER_SCRIPT
 
 from converters.gguf.export import export_gguf
 from packager.calibrate import calibrate
@@ -124,14 +125,7 @@ def test_gguf_chain_runs_with_torch_and_transformers_blocked(work):
     data = write_data(work / "chain.jsonl")
     out = work / "chain"
     out.mkdir()
-    script = blocker("torch", "transformers") + textwrap.dedent(f"""
-        from click.testing import CliRunner
-        from packager.cli import cli
-        runner = CliRunner()
-        def run(*args):
-            result = runner.invoke(cli, list(args), catch_exceptions=False)
-            assert result.exit_code == 0, result.output
-            print(result.output)
+    script = blocker("torch", "transformers") + RUNNER_SCRIPT + textwrap.dedent(f"""
         run("calibrate", "{gguf_file}", "--data", "{data}", "--pairs", "en-de,de-en", "--teacher-forced", "--out", "{out}/s.st")
         run("plan", "create", "{out}/s.st", "--langs", "de", "--drop", "0.5", "--uniform", "--ranker", "reap", "--out", "{out}/plan.json")
         run("prune-gguf", "{gguf_file}", "--plan", "{out}/plan.json", "--out", "{out}/pruned.gguf")
