@@ -423,11 +423,9 @@ def write_jsonl(path: Path, records) -> None:
 def split_hash(path: Path | str) -> str:
     """Content hash of a split file: "sha256:" + the sha256 of its bytes (the writer is deterministic,
     so equal records give equal hashes; `sha256sum FILE` gives the same digest)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()
+    from runtime.file_hash import file_sha256
+
+    return "sha256:" + file_sha256(path)
 
 
 def load_lock(path: Path = LOCK_FILE) -> dict:
