@@ -249,11 +249,60 @@ def export_onnx(
     external_data_threshold_bytes: int = EXTERNAL_DATA_THRESHOLD_BYTES,
 ) -> Path:
     """Export `model_dir` to the directory `out_dir` (see the module docstring); returns it."""
+    started = time.monotonic()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    config, arch, special, stop, template = _check_inputs(model_dir, out_dir, quant, dtype, formulation, force)
+    precision = quant if quant != "fp32" else dtype
+    with atomic_output(out_dir, directory=True) as staging:
+        with _Stages(progress) as stages:
+            with stages.stage(f"stream weights into the graph ({precision}, {formulation} MoE)"):
+                fingerprint, parent_fingerprint, plan = _parent_facts(model_dir)
+                onnx_model, shape, builder, data_bytes = build_graph(model_dir, staging, quant, dtype, formulation)
+            with stages.stage("write model"):
+                model_files = _save(onnx_model, staging, data_bytes, external_data_threshold_bytes)
+                contrib = _contrib_ops(onnx_model)
+                del onnx_model
+            export_check = _check_against_transformers(stages, model_dir, staging, shape, precision) if check else None
+            shutil.copyfile(model_dir / TOKENIZER_FILE, staging / TOKENIZER_FILE)
+            memory = proc_status()
+            quantization = _quantization_record(quant, dtype, builder.record)
+            quantization["bytes"] = {name: (staging / name).stat().st_size for name in model_files}
+            export_config = ExportConfig(
+                format="onnx",
+                model_files=model_files,
+                family=arch.family,
+                prompt_template=template,
+                stop_tokens=stop,
+                special_tokens=special,
+                tokenizer=TOKENIZER_FILE,
+                top_k=shape.top_k,
+                n_experts=dict(shape.n_experts),
+                parent_n_experts=None if plan else max(shape.n_experts.values()),
+                quantization=quantization,
+                parent_fingerprint=parent_fingerprint,
+                plan=plan,
+                languages=plan_languages(plan),
+                provenance={
+                    "model_fingerprint": fingerprint,
+                    "source": {"model_dir": str(model_dir.absolute()), "files": _input_files(model_dir, hash_inputs)},
+                    "command": sys.argv,
+                    "versions": versions("torch", "transformers", "onnx", "onnxruntime"),
+                    **created_unix(),  # SOURCE_DATE_EPOCH or nothing: same inputs, same bytes
+                },
+                extra=_graph_facts(config, arch, shape, formulation, contrib, export_check),
+            )
+            export_config.save(export_config_path(staging / MODEL_FILE))
+    logger.info("onnx: wrote %s (%s) in %.1fs, peak RSS %s bytes", out_dir, ", ".join(model_files),
+                time.monotonic() - started, memory.get("VmHWM"))
+    return out_dir
+
+
+def _check_inputs(model_dir: Path, out_dir: Path, quant: str, dtype: str, formulation: str, force: bool):
+    """The settings, the model's config, architecture, special and stop tokens and chat template, and the
+    output path, all checked before anything is written."""
     from packager.core.arch import load_arch
     from runtime.prompt import PromptRenderer
 
-    started = time.monotonic()
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_quant(quant)
     if dtype not in DTYPES:
         raise OnnxExportError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
@@ -278,91 +327,57 @@ def export_onnx(
         raise OutputExistsError(f"{out_dir}: output exists; choose another directory or pass --force")
     if not out_dir.parent.is_dir():
         raise OnnxExportError(f"{out_dir.parent}: output parent directory does not exist")
+    return config, arch, special, stop, template
 
+
+def _check_against_transformers(stages, model_dir: Path, staging: Path, shape, precision: str) -> dict:
+    """The exported graph against transformers on probe sequences (skipped for a model over the float32
+    budget); an fp32 graph that differs beyond the tolerance is an exporter bug and stops the export."""
     from converters.onnx.check import compare_with_transformers, open_session, probe_sequences
+
+    weight_total, budget = _check_budget(model_dir)
+    if weight_total > budget:
+        return {"skipped": f"float32 weights {weight_total} bytes exceed the {budget}-byte budget of "
+                           "the whole-model transformers comparison; the graph pieces are tested "
+                           "against transformers on tiny models of every family"}
+    with stages.stage(f"check {precision} graph against transformers"):
+        model = _load_model(model_dir)
+        report = compare_with_transformers(open_session(staging / MODEL_FILE), model,
+                                           probe_sequences(shape.vocab_size), shape.n_layers,
+                                           shape.n_kv_heads, shape.head_dim)
+        del model
+    if precision == "fp32" and not report.max_abs <= CHECK_TOLERANCE:
+        raise OnnxExportError(
+            f"{model_dir}: the exported graph differs from transformers by {report.max_abs:.3g} "
+            f"(tolerance {CHECK_TOLERANCE}); this is an exporter bug, please report it"
+        )
+    return {precision: report.as_dict(), "tolerance": CHECK_TOLERANCE}
+
+
+def _graph_facts(config: dict, arch, shape, formulation: str, contrib: list, export_check: dict | None) -> dict:
+    """The export config's `extra`: what the runtime needs of the graph, and how it was made."""
     from converters.onnx.families import CONTRIB_ROUTING_NOTE
 
-    precision = quant if quant != "fp32" else dtype
-    with atomic_output(out_dir, directory=True) as staging:
-        with _Stages(progress) as stages:
-            with stages.stage(f"stream weights into the graph ({precision}, {formulation} MoE)"):
-                fingerprint, parent_fingerprint, plan = _parent_facts(model_dir)
-                onnx_model, shape, builder, data_bytes = build_graph(model_dir, staging, quant, dtype, formulation)
-            with stages.stage("write model"):
-                model_files = _save(onnx_model, staging, data_bytes, external_data_threshold_bytes)
-                contrib = _contrib_ops(onnx_model)
-                del onnx_model
-            export_check = None
-            if check:
-                weight_total, budget = _check_budget(model_dir)
-                if weight_total > budget:
-                    export_check = {"skipped": f"float32 weights {weight_total} bytes exceed the {budget}-byte budget of "
-                                               "the whole-model transformers comparison; the graph pieces are tested "
-                                               "against transformers on tiny models of every family"}
-                else:
-                    with stages.stage(f"check {precision} graph against transformers"):
-                        model = _load_model(model_dir)
-                        report = compare_with_transformers(open_session(staging / MODEL_FILE), model,
-                                                           probe_sequences(shape.vocab_size), shape.n_layers,
-                                                           shape.n_kv_heads, shape.head_dim)
-                        del model
-                    export_check = {precision: report.as_dict(), "tolerance": CHECK_TOLERANCE}
-                    if precision == "fp32" and not report.max_abs <= CHECK_TOLERANCE:
-                        raise OnnxExportError(
-                            f"{model_dir}: the exported graph differs from transformers by {report.max_abs:.3g} "
-                            f"(tolerance {CHECK_TOLERANCE}); this is an exporter bug, please report it"
-                        )
-            shutil.copyfile(model_dir / TOKENIZER_FILE, staging / TOKENIZER_FILE)
-            memory = proc_status()
-            quantization = _quantization_record(quant, dtype, builder.record)
-            quantization["bytes"] = {name: (staging / name).stat().st_size for name in model_files}
-            scores = "Sigmoid, group-limited TopK" if arch.routing_kind == "sigmoid_group" else "Softmax/TopK"
-            routing = (f"standard ONNX ops ({scores}, ScatterElements)" if formulation != "contrib"
-                       else CONTRIB_ROUTING_NOTE.get(arch.routing_kind, arch.routing_kind))
-            export_config = ExportConfig(
-                format="onnx",
-                model_files=model_files,
-                family=arch.family,
-                prompt_template=template,
-                stop_tokens=stop,
-                special_tokens=special,
-                tokenizer=TOKENIZER_FILE,
-                top_k=shape.top_k,
-                n_experts=dict(shape.n_experts),
-                parent_n_experts=None if plan else max(shape.n_experts.values()),
-                quantization=quantization,
-                parent_fingerprint=parent_fingerprint,
-                plan=plan,
-                languages=plan_languages(plan),
-                provenance={
-                    "model_fingerprint": fingerprint,
-                    "source": {"model_dir": str(model_dir.absolute()), "files": _input_files(model_dir, hash_inputs)},
-                    "command": sys.argv,
-                    "versions": versions("torch", "transformers", "onnx", "onnxruntime"),
-                    **created_unix(),  # SOURCE_DATE_EPOCH or nothing: same inputs, same bytes
-                },
-                extra={
-                    "n_layers": shape.n_layers,
-                    "n_kv_heads": shape.n_kv_heads,
-                    "head_dim": shape.head_dim,
-                    "hidden_size": shape.hidden_size,
-                    "vocab_size": shape.vocab_size,
-                    "max_position_embeddings": int(config.get("max_position_embeddings") or 2048),
-                    "inputs": graph_input_names(shape.n_layers),
-                    "outputs": graph_output_names(shape.n_layers),
-                    "opset": OPSET,
-                    "exporter": "converters.onnx.decoder (graph built with onnx.helper, weights streamed from the shards)",
-                    "moe_formulation": formulation,
-                    "routing": routing,
-                    "contrib_ops": contrib,
-                    "portability": CONTRIB_OPS_NOTE if contrib else "standard ONNX operators only",
-                    "export_check": export_check,
-                },
-            )
-            export_config.save(export_config_path(staging / MODEL_FILE))
-    logger.info("onnx: wrote %s (%s) in %.1fs, peak RSS %s bytes", out_dir, ", ".join(model_files),
-                time.monotonic() - started, memory.get("VmHWM"))
-    return out_dir
+    scores = "Sigmoid, group-limited TopK" if arch.routing_kind == "sigmoid_group" else "Softmax/TopK"
+    routing = (f"standard ONNX ops ({scores}, ScatterElements)" if formulation != "contrib"
+               else CONTRIB_ROUTING_NOTE.get(arch.routing_kind, arch.routing_kind))
+    return {
+        "n_layers": shape.n_layers,
+        "n_kv_heads": shape.n_kv_heads,
+        "head_dim": shape.head_dim,
+        "hidden_size": shape.hidden_size,
+        "vocab_size": shape.vocab_size,
+        "max_position_embeddings": int(config.get("max_position_embeddings") or 2048),
+        "inputs": graph_input_names(shape.n_layers),
+        "outputs": graph_output_names(shape.n_layers),
+        "opset": OPSET,
+        "exporter": "converters.onnx.decoder (graph built with onnx.helper, weights streamed from the shards)",
+        "moe_formulation": formulation,
+        "routing": routing,
+        "contrib_ops": contrib,
+        "portability": CONTRIB_OPS_NOTE if contrib else "standard ONNX operators only",
+        "export_check": export_check,
+    }
 
 
 def _quantization_record(quant: str, dtype: str, record) -> dict:
