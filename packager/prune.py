@@ -156,6 +156,47 @@ def _copy_side_files(model_dir: Path, staging: Path) -> list[str]:
     return copied
 
 
+def _pruned_config(arch, config: dict, keep: dict[int, list[int]], counts: dict[int, int]) -> dict:
+    """The parent's config with the pruned expert counts (and quantization config)."""
+    new_config = dict(config)
+    for key, value in arch.config_updates_for_counts(config, counts).items():
+        if value is None:
+            new_config.pop(key, None)
+        else:
+            new_config[key] = value
+    if isinstance(new_config.get("quantization_config"), dict):
+        new_config["quantization_config"] = _pruned_quantization_config(arch, config, keep)
+    for key in arch.n_experts_keys:
+        logger.info("config: %s = %d", key, new_config[key])
+    if PER_LAYER_COUNTS_KEY in new_config:
+        logger.info("config: %s = %s (non-uniform: load with packager.load_pruned)",
+                    PER_LAYER_COUNTS_KEY, new_config[PER_LAYER_COUNTS_KEY])
+    return new_config
+
+
+def _planned_outputs(reader, actions: dict, replacements: dict[str, bytes], model_dir: Path) -> list[tuple]:
+    """(out_name, dtype, shape, byte ranges or replacement bytes) of every kept tensor, in input storage
+    order; a replacement must be for a kept whole tensor, byte for byte the same size."""
+    for name, data in replacements.items():
+        action = actions.get(name)
+        if action is None or action.rows is not None or len(data) != reader.info(name).nbytes:
+            raise CheckpointError(f"{model_dir}: replacement for {name!r} is not a kept whole tensor of "
+                                  f"{reader.info(name).nbytes if name in actions else '?'} bytes")
+    outputs = []
+    for info in reader.infos():
+        action = actions[info.name]
+        if action is None:
+            continue
+        if info.name in replacements:
+            outputs.append((action.out_name, info.dtype, info.shape, replacements[info.name]))
+        elif action.rows is None:
+            outputs.append((action.out_name, info.dtype, info.shape, [(info.path, info.offset, info.nbytes)]))
+        else:
+            shape = (len(action.rows),) + info.shape[1:]
+            outputs.append((action.out_name, info.dtype, shape, info.row_ranges(action.rows)))
+    return outputs
+
+
 def prune_checkpoint(model_dir: str | os.PathLike, plan: Plan | str | os.PathLike, out_dir: str | os.PathLike,
                      force: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                      hash_inputs: bool | None = None, progress: bool = False,
@@ -182,38 +223,8 @@ def prune_checkpoint(model_dir: str | os.PathLike, plan: Plan | str | os.PathLik
         hash_mode, input_files = _input_hashes(reader, hash_inputs)
 
         counts = {layer_idx: len(ids) for layer_idx, ids in keep.items()}
-        new_config = dict(config)
-        for key, value in arch.config_updates_for_counts(config, counts).items():
-            if value is None:
-                new_config.pop(key, None)
-            else:
-                new_config[key] = value
-        if isinstance(new_config.get("quantization_config"), dict):
-            new_config["quantization_config"] = _pruned_quantization_config(arch, config, keep)
-        for key in arch.n_experts_keys:
-            logger.info("config: %s = %d", key, new_config[key])
-        if PER_LAYER_COUNTS_KEY in new_config:
-            logger.info("config: %s = %s (non-uniform: load with packager.load_pruned)",
-                        PER_LAYER_COUNTS_KEY, new_config[PER_LAYER_COUNTS_KEY])
-
-        replacements = replacements or {}
-        for name, data in replacements.items():
-            action = actions.get(name)
-            if action is None or action.rows is not None or len(data) != reader.info(name).nbytes:
-                raise CheckpointError(f"{model_dir}: replacement for {name!r} is not a kept whole tensor of "
-                                      f"{reader.info(name).nbytes if name in actions else '?'} bytes")
-        outputs = []  # (out_name, dtype, shape, byte ranges or replacement bytes) in input storage order
-        for info in reader.infos():
-            action = actions[info.name]
-            if action is None:
-                continue
-            if info.name in replacements:
-                outputs.append((action.out_name, info.dtype, info.shape, replacements[info.name]))
-            elif action.rows is None:
-                outputs.append((action.out_name, info.dtype, info.shape, [(info.path, info.offset, info.nbytes)]))
-            else:
-                shape = (len(action.rows),) + info.shape[1:]
-                outputs.append((action.out_name, info.dtype, shape, info.row_ranges(action.rows)))
+        new_config = _pruned_config(arch, config, keep, counts)
+        outputs = _planned_outputs(reader, actions, replacements or {}, model_dir)
         kept_bytes = sum(len(ranges) if isinstance(ranges, bytes) else sum(length for _, _, length in ranges)
                          for *_, ranges in outputs)
         with CheckpointWriter(out_dir, max_shard_bytes=max_shard_bytes, force=force) as writer:
