@@ -57,6 +57,23 @@ def _sliced_tensor_names(facts: GGUFModelFacts, layer_idx: int) -> list[str]:
     return names
 
 
+def _kept_rows(by_name: dict, facts, keep: dict[int, list[int]], in_file: Path) -> dict[str, list[int]]:
+    """The expert rows each per-expert tensor keeps; the router and the experts must be there."""
+    fam = facts.fam
+    rows_of: dict[str, list[int]] = {}
+    for layer_idx in facts.moe_layers:
+        for name in _sliced_tensor_names(facts, layer_idx):
+            tensor = by_name.get(name)
+            if tensor is None:
+                if name == fam.router_name(layer_idx) or name in fam.expert_names(layer_idx).values():
+                    raise GGUFFileError(f"{in_file}: MoE layer {layer_idx} has no tensor {name!r}")
+                continue
+            if tensor.data.shape[0] != facts.n_experts[layer_idx]:
+                raise GGUFFileError(f"{in_file}: tensor {name!r} has {tensor.data.shape[0]} experts, the router has {facts.n_experts[layer_idx]}")
+            rows_of[name] = keep[layer_idx]
+    return rows_of
+
+
 def prune_gguf(in_file: str | os.PathLike, plan: Plan | str | os.PathLike, out_file: str | os.PathLike, *,
                force: bool = False, progress: bool = False) -> Path:
     """Write `out_file`: `in_file` keeping `plan.keep` experts per MoE layer (renumbered 0..n-1)."""
@@ -93,18 +110,7 @@ def prune_gguf(in_file: str | os.PathLike, plan: Plan | str | os.PathLike, out_f
     n_kept = next(iter(counts.values()))
 
     by_name = {tensor.name: tensor for tensor in reader.tensors}
-    rows_of: dict[str, list[int]] = {}
-    for layer_idx in facts.moe_layers:
-        for name in _sliced_tensor_names(facts, layer_idx):
-            tensor = by_name.get(name)
-            if tensor is None:
-                if name == fam.router_name(layer_idx) or name in fam.expert_names(layer_idx).values():
-                    raise GGUFFileError(f"{in_file}: MoE layer {layer_idx} has no tensor {name!r}")
-                continue
-            if tensor.data.shape[0] != facts.n_experts[layer_idx]:
-                raise GGUFFileError(f"{in_file}: tensor {name!r} has {tensor.data.shape[0]} experts, the router has {facts.n_experts[layer_idx]}")
-            rows_of[name] = keep[layer_idx]
-
+    rows_of = _kept_rows(by_name, facts, keep, in_file)
     routers = [np.asarray(by_name[fam.router_name(i)].data, dtype=np.float32)[keep[i]] for i in facts.moe_layers]
     new_fingerprint = fingerprint_from_parts(facts.family, facts.moe_layers, [n_kept] * len(facts.moe_layers),
                                              facts.top_k, routers)
