@@ -495,6 +495,33 @@ def _progress_bar(enabled: bool):
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True)
 
 
+def _record_routing(loaded: LoadedModel, execution, sequences: list, settings: CalibrationSettings, bar):
+    """Run `sequences` through the model, whole or streamed layer by layer, recording the routing;
+    returns the recorder and the streamed run's record (None when whole)."""
+    from packager.core.layer_stream import StreamedModel
+
+    if execution.mode == "whole":
+        recorder = RoutingRecorder(loaded.model, loaded.arch, loaded.config, len(settings.pairs), settings.reap)
+        try:
+            task = bar.add_task("recording routing", total=len(sequences)) if bar else None
+            capture(loaded, recorder, sequences, settings.batch_size, (lambda n: bar.advance(task, n)) if bar else None)
+        finally:
+            recorder.remove()
+        return recorder, None
+    streamed = StreamedModel(loaded.model_dir, settings.dtype, execution.device,
+                             expert_group_bytes=settings.expert_group_bytes)
+    recorder = RoutingRecorder(streamed.model, loaded.arch, loaded.config, len(settings.pairs), settings.reap,
+                               expert_hooks=False)
+    try:
+        task = bar.add_task("recording routing, layer by layer", total=len(streamed.layers)) if bar else None
+        streaming = capture_streamed(streamed, loaded, recorder, sequences, settings,
+                                     (lambda n: bar.advance(task, n)) if bar else None)
+    finally:
+        recorder.remove()
+        streamed.close()
+    return recorder, streaming
+
+
 def calibrate(model_dir: str | Path, data: Sequence[str | Path], settings: CalibrationSettings,
               command: str | None = None, show_progress: bool = False, loaded: LoadedModel | None = None) -> RoutingStats:
     """Routing statistics of `model_dir` on `data` for `settings.pairs` (see module docstring).
@@ -504,7 +531,6 @@ def calibrate(model_dir: str | Path, data: Sequence[str | Path], settings: Calib
     the same statistics; the choice is recorded in the provenance."""
     from packager.core.fingerprint import file_sha256
     from packager.core.execution import Execution, choose_execution
-    from packager.core.layer_stream import StreamedModel
 
     if not settings.pairs:
         raise CalibrationError("--pairs: give at least one direction, e.g. en-de,de-en")
@@ -530,7 +556,6 @@ def calibrate(model_dir: str | Path, data: Sequence[str | Path], settings: Calib
     bar = _progress_bar(show_progress)
     started = time.perf_counter()
     translations = None
-    streaming = None
     with bar if bar is not None else contextlib.nullcontext():
         if settings.teacher_forced:
             outputs = [loaded.tokenizer(ex.target, add_special_tokens=False)["input_ids"] + [loaded.eos_id] for _, ex in flat]
@@ -539,25 +564,7 @@ def calibrate(model_dir: str | Path, data: Sequence[str | Path], settings: Calib
                                                         settings, chat_template_sha, bar)
         sequences = [(ids + out, slots + [2] * len(out), pair_pos)
                      for (ids, slots), out, (pair_pos, _) in zip(encoded, outputs, flat)]
-        if execution.mode == "whole":
-            recorder = RoutingRecorder(loaded.model, loaded.arch, loaded.config, len(settings.pairs), settings.reap)
-            try:
-                task = bar.add_task("recording routing", total=len(sequences)) if bar else None
-                capture(loaded, recorder, sequences, settings.batch_size, (lambda n: bar.advance(task, n)) if bar else None)
-            finally:
-                recorder.remove()
-        else:
-            streamed = StreamedModel(loaded.model_dir, settings.dtype, execution.device,
-                                     expert_group_bytes=settings.expert_group_bytes)
-            recorder = RoutingRecorder(streamed.model, loaded.arch, loaded.config, len(settings.pairs), settings.reap,
-                                       expert_hooks=False)
-            try:
-                task = bar.add_task("recording routing, layer by layer", total=len(streamed.layers)) if bar else None
-                streaming = capture_streamed(streamed, loaded, recorder, sequences, settings,
-                                             (lambda n: bar.advance(task, n)) if bar else None)
-            finally:
-                recorder.remove()
-                streamed.close()
+        recorder, streaming = _record_routing(loaded, execution, sequences, settings, bar)
     elapsed = time.perf_counter() - started
 
     arch, config = loaded.arch, loaded.config
