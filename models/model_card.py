@@ -61,6 +61,12 @@ def below_target_lines(evaluation: dict) -> list[str]:
 def render(model: Path, data_card: dict, evaluation: dict, divergence: dict, summary: dict) -> str:
     config = json.loads((model / "config.json").read_text())
     training = json.loads((model / "training.json").read_text())
+    lines = _architecture(model, config, summary) + _training(training) + _data(data_card)
+    lines += _quality(evaluation) + _routing(divergence) + _limits(evaluation, training)
+    return "\n".join(lines)
+
+
+def _architecture(model: Path, config: dict, summary: dict) -> list[str]:
     lines = [
         "# Embedded default parent: a small Qwen3-MoE translator",
         "",
@@ -83,7 +89,11 @@ def render(model: Path, data_card: dict, evaluation: dict, divergence: dict, sum
         lines.append(f"- Parameters: {total / 1e6:.2f}M, of which routed experts {experts / 1e6:.2f}M "
                      f"({100 * experts / total:.1f}%), routers {split['routers']['params'] / 1e3:.1f}k; "
                      f"file {(model / 'model.safetensors').stat().st_size / 2**20:.1f} MiB (bf16).")
-    lines += [
+    return lines
+
+
+def _training(training: dict) -> list[str]:
+    return [
         "",
         "## Training",
         f"- {training['steps']} steps, {training['tokens'] / 1e6:.1f}M target+prompt tokens, {training['train_minutes']} minutes of "
@@ -94,6 +104,11 @@ def render(model: Path, data_card: dict, evaluation: dict, divergence: dict, sum
         "length-bucketed batch, loss on target tokens only, Switch-style load-balancing loss 0.01, fp32; saved in bf16.",
         f"- Final dev loss {training['dev_loss']:.3f}. Command: `{training['command']}`."
         + (f" Note: {training['note']}." if training.get("note") else ""),
+    ]
+
+
+def _data(data_card: dict) -> list[str]:
+    lines = [
         "",
         "## Data (harvested at setup time, never committed)",
         "Pairs per language after cleaning and deduplication (split by a hash of the normalised English source):",
@@ -116,11 +131,15 @@ def render(model: Path, data_card: dict, evaluation: dict, divergence: dict, sum
         eval_split = data_card["eval_split"]
         lines += ["", "Fixed evaluation split (`make demo`, the same file from `--set eval` and `--set full`): "
                   + ", ".join(f"eval/{k}.jsonl `{v}`" for k, v in eval_split["sha256"].items()) + "."]
+    return lines
+
+
+def _quality(evaluation: dict) -> list[str]:
     results = evaluation["results"]
     first = next(iter(results.values()))
     splits = evaluation.get("splits") or {evaluation.get("split", "test"): {"results": results, "sha256": evaluation.get("sha256", "")}}
     names = list(splits)
-    lines += [
+    lines = [
         "",
         f"## Quality (greedy, {evaluation['per_direction']} sentences per direction and split)",
         f"chrF++ `{first['chrf_signature']}`; BLEU uses the 13a tokenizer (zh: `zh`, ja: `char`). Splits: "
@@ -135,7 +154,11 @@ def render(model: Path, data_card: dict, evaluation: dict, divergence: dict, sum
             metrics = splits[name]["results"].get(direction)
             cells += [f"{metrics['chrf++']:.1f}", f"{metrics['bleu']:.1f}"] if metrics else ["", ""]
         lines.append(f"| {direction} | " + " | ".join(cells) + " |")
-    lines += [
+    return lines
+
+
+def _routing(divergence: dict) -> list[str]:
+    lines = [
         "",
         "## Routing is language-specific",
         f"Per-layer Jensen-Shannon divergence (base 2) of each language's routing-mass distribution against English "
@@ -148,7 +171,11 @@ def render(model: Path, data_card: dict, evaluation: dict, divergence: dict, sum
     for lang, per_direction in divergence["jsd"].items():
         for direction, values in per_direction.items():
             lines.append(f"| {lang} | {direction} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
-    lines += [
+    return lines
+
+
+def _limits(evaluation: dict, training: dict) -> list[str]:
+    return [
         "",
         "## Limits",
         *below_target_lines(evaluation),
@@ -164,7 +191,6 @@ def render(model: Path, data_card: dict, evaluation: dict, divergence: dict, sum
         "  checkpoint averaging, and beam search at evaluation time.",
         "",
     ]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
