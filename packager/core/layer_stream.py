@@ -339,9 +339,7 @@ class StreamedModel:
         if groups:
             report.expert_groups = max(len(g) for g in groups)
             report.experts_per_group = max(stop - start for g in groups for start, stop in g)
-        decoder = self.model.base_model
         real_layers = list(self.layers)
-        calls_per_batch: list[list] = []
         started = time.perf_counter()
         self._load(self._outer)
         report.load_seconds += time.perf_counter() - started
@@ -349,28 +347,8 @@ class StreamedModel:
         stores: list[HiddenStore] = []
         try:
             # 1. embeddings and the arguments every layer gets
-            shapes = []
-            table = self._embedding_rows(batches)
-            for ids, mask in batches:
-                calls: list = []
-                recorders = [_LayerInputs(layer, calls).module for layer in real_layers]
-                decoder.layers = torch.nn.ModuleList(recorders)
-                inputs = {"input_ids": ids.to(self.device)}
-                if table is not None:
-                    rows, vectors = table
-                    inputs = {"inputs_embeds": vectors[torch.searchsorted(rows, ids)].to(self.device)}
-                try:
-                    with torch.no_grad():
-                        decoder(**inputs, attention_mask=mask.to(self.device), use_cache=False)
-                finally:
-                    decoder.layers = self.layers
-                if len(calls) != len(real_layers):
-                    raise StreamingError(f"{type(decoder).__name__}: ran {len(calls)} of {len(real_layers)} layers in the embedding pass")
-                calls_per_batch.append(calls)
-                shapes.append(tuple(calls[0][0].shape))
-                report.tokens += int(mask.sum())
+            calls_per_batch, shapes = self._embedding_pass(batches, real_layers, report)
             _to_meta_outer(self.model, self._outer)
-            table = None
             flat_shapes = [(numel(shape[:-1]), shape[-1]) for shape in shapes]
             hidden_total = sum(numel(shape) for shape in shapes) * (2 * torch_dtype_size(self.dtype) + 4)
             spill = hidden_budget_bytes is not None and hidden_total > hidden_budget_bytes
@@ -412,6 +390,34 @@ class StreamedModel:
             _to_meta_outer(self.model, self._outer)
         report.bytes_read = self.files.bytes_read
         return report
+
+    def _embedding_pass(self, batches: Sequence[tuple], real_layers: list, report: StreamReport) -> tuple[list, list]:
+        """Run the embeddings with every layer replaced by a recorder of its arguments: per batch, the
+        (hidden, args, kwargs) each layer is called with, and the hidden states' shapes."""
+        import torch
+
+        decoder = self.model.base_model
+        calls_per_batch, shapes = [], []
+        table = self._embedding_rows(batches)
+        for ids, mask in batches:
+            calls: list = []
+            recorders = [_LayerInputs(layer, calls).module for layer in real_layers]
+            decoder.layers = torch.nn.ModuleList(recorders)
+            inputs = {"input_ids": ids.to(self.device)}
+            if table is not None:
+                rows, vectors = table
+                inputs = {"inputs_embeds": vectors[torch.searchsorted(rows, ids)].to(self.device)}
+            try:
+                with torch.no_grad():
+                    decoder(**inputs, attention_mask=mask.to(self.device), use_cache=False)
+            finally:
+                decoder.layers = self.layers
+            if len(calls) != len(real_layers):
+                raise StreamingError(f"{type(decoder).__name__}: ran {len(calls)} of {len(real_layers)} layers in the embedding pass")
+            calls_per_batch.append(calls)
+            shapes.append(tuple(calls[0][0].shape))
+            report.tokens += int(mask.sum())
+        return calls_per_batch, shapes
 
     def _run_without_experts(self, layer_idx, layer, calls_per_batch, hidden, expert_inputs, before_layer, report):
         """Pass A: the layer with its routed experts answering zero; returns per batch the
