@@ -208,6 +208,20 @@ class Backend(abc.ABC):
         after the other; a backend that can decode sequences together overrides it."""
         return [list(self.generate_ids(prompt, budget, sampling)) for prompt, budget in zip(prompts, budgets)]
 
+    def _group_start(self, prompts: Sequence[Sequence[int]], budgets: Sequence[int],
+                     sampling: Sampling) -> tuple[list[int], list, list[list[int]]]:
+        """Where a batched group of `generate_batch` starts: per prompt its token limit (the budget,
+        within the context `self._n_ctx`), its own random stream (seeded as `generate_ids` seeds
+        one) and an empty output. An empty prompt or one that fills the context is refused."""
+        for prompt in prompts:
+            if not prompt:
+                raise BackendError("cannot generate from an empty prompt")
+            if len(prompt) >= self._n_ctx:
+                raise BackendError(f"prompt of {len(prompt)} tokens does not fit the context of {self._n_ctx} tokens")
+        limits = [min(budget, self._n_ctx - len(prompt)) for prompt, budget in zip(prompts, budgets)]
+        rngs = [np.random.default_rng(sampling.seed) for _ in prompts]
+        return limits, rngs, [[] for _ in prompts]
+
     def prompt_ids(self, text: str, src: str | Language, tgt: str | Language) -> list[int]:
         return self.tokenize(self.prompt.render(text, src, tgt), special=True)
 

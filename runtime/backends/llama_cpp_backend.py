@@ -311,15 +311,8 @@ class LlamaCppBackend(Backend):
                         sampling: Sampling) -> list[list[int]]:
         """`generate_ids` for each prompt (same stops, budgets and per-prompt random stream),
         prompt i in sequence i: every prompt in one batch, then one token per live sequence."""
-        for prompt in prompts:
-            if not prompt:
-                raise BackendError("cannot generate from an empty prompt")
-            if len(prompt) >= self._n_ctx:
-                raise BackendError(f"prompt of {len(prompt)} tokens does not fit the context of {self._n_ctx} tokens")
+        limits, rngs, outputs = self._group_start(prompts, budgets, sampling)
         stop = self.stop_ids
-        limits = [min(budget, self._n_ctx - len(prompt)) for prompt, budget in zip(prompts, budgets)]
-        rngs = [np.random.default_rng(sampling.seed) for _ in prompts]
-        outputs: list[list[int]] = [[] for _ in prompts]
         self._clear()  # the next _start clears again: sequence 0 is one of ours meanwhile
         live = [seq for seq, limit in enumerate(limits) if limit > 0]
         tokens, positions, seqs, wanted = [], [], [], []

@@ -247,15 +247,8 @@ class OnnxBackend(Backend):
                         sampling: Sampling) -> list[list[int]]:
         """`generate_ids` for each prompt (same stops, budgets, per-prompt random stream), as rows
         of one batch: prompts left-padded (mask 0), then one token per live row per step."""
-        for prompt in prompts:
-            if not prompt:
-                raise BackendError("cannot generate from an empty prompt")
-            if len(prompt) >= self._n_ctx:
-                raise BackendError(f"prompt of {len(prompt)} tokens does not fit the context of {self._n_ctx} tokens")
+        limits, rngs, outputs = self._group_start(prompts, budgets, sampling)
         stop = self.stop_ids
-        limits = [min(budget, self._n_ctx - len(prompt)) for prompt, budget in zip(prompts, budgets)]
-        rngs = [np.random.default_rng(sampling.seed) for _ in prompts]
-        outputs: list[list[int]] = [[] for _ in prompts]
         live = [seq for seq, limit in enumerate(limits) if limit > 0]
         if not live:
             return outputs
