@@ -377,3 +377,31 @@ def test_a_full_disk_at_the_training_state_is_one_error_line(pruned, parent, dat
     assert not (tmp_path / "distilled").exists()
     # the weights are written whole (atomically) or not at all; without state.json a re-run starts over
     assert sorted(p.name for p in work_dir.iterdir()) == ["best.safetensors", "model.safetensors", "optimizer.safetensors"]
+
+
+def _native_full_disk(*args, **kwargs):
+    """What safetensors' native writer raises on a full disk (checked: a file size limit gives
+    'Error while serializing: I/O error: File too large (os error 27)')."""
+    from safetensors import SafetensorError
+
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def test_a_native_full_disk_error_of_safetensors_is_one_line_too(pruned, parent, data, tmp_path, monkeypatch):
+    import safetensors.torch
+    import transformers.modeling_utils
+
+    from runtime.atomic import OutputError
+
+    with monkeypatch.context() as patch:  # the training state's first save: the best weights
+        patch.setattr(safetensors.torch, "save_model", _native_full_disk)
+        with pytest.raises(OutputError) as caught:
+            distill(pruned, parent, [data], DistillSettings(**SFT), tmp_path / "a", work_dir=tmp_path / "work-a")
+    assert re.match(re.escape(str(tmp_path / "work-a" / "best.safetensors")) + FULL_DISK, str(caught.value))
+    assert list((tmp_path / "work-a").iterdir()) == [] and not (tmp_path / "a").exists()
+    with monkeypatch.context() as patch:  # transformers' save of the trained weights
+        patch.setattr(transformers.modeling_utils, "safe_save_file", _native_full_disk)
+        with pytest.raises(OutputError) as caught:
+            distill(pruned, parent, [data], DistillSettings(**SFT), tmp_path / "b", work_dir=tmp_path / "work-b")
+    assert re.match(re.escape(str(tmp_path / "b")) + FULL_DISK, str(caught.value))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work-a", "work-b"]

@@ -13,10 +13,12 @@ import json
 import logging
 import mmap
 import os
+import re
 import shutil
 import struct
 import uuid
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 _MAX_HEADER_BYTES = 100 * 1024**2
+_OS_ERROR_TEXT = re.compile(r"\(os error (\d+)\)")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 # bytes per element of each safetensors dtype
@@ -510,3 +513,19 @@ class CheckpointWriter:
         if isinstance(exc, OSError) and (staged or not isinstance(exc, OutputError)) and exc.errno in OUTPUT_ERRNOS:
             # a full disk, a read-only or vanished folder: one line naming the output, not its staging folder
             raise output_error(self.out_dir, exc) from None
+
+
+@contextmanager
+def safetensors_write_errors() -> Iterator[None]:
+    """safetensors writes in native code and reports a failed write (a full disk, a read-only folder)
+    as a SafetensorError whose text ends in "(os error N)". Inside this block such an error is raised
+    as the OSError it stands for, so that `atomic_output` and the CLI report it in one line naming
+    the path."""
+    try:
+        yield
+    except Exception as exc:
+        match = _OS_ERROR_TEXT.search(str(exc)) if type(exc).__name__ == "SafetensorError" else None
+        if match is None:
+            raise
+        code = int(match.group(1))
+        raise OSError(code, os.strerror(code)) from None

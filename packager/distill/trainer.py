@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
 from packager.batching import collate, token_batches
+from packager.core.checkpoint import safetensors_write_errors
 from packager.distill.settings import DistillSettings
 
 if TYPE_CHECKING:
@@ -130,8 +131,9 @@ class WorkDir:
                     moments[f"{names[id(param)]}::exp_avg_sq"] = st["exp_avg_sq"].contiguous()
                     steps[names[id(param)]] = float(st["step"])
         with atomic_output(self.path / OPTIMIZER_NAME) as tmp_moments, atomic_output(self.path / WEIGHTS_NAME) as tmp_weights:
-            save_model(model, str(tmp_weights))
-            save_file(moments, str(tmp_moments))
+            with safetensors_write_errors():
+                save_model(model, str(tmp_weights))
+                save_file(moments, str(tmp_moments))
         atomic_write_json(self.path / STATE_NAME, {**state, "key": self.key, "adam_step": steps})
 
     def save_best(self, model) -> None:
@@ -140,7 +142,7 @@ class WorkDir:
         from runtime.atomic import atomic_output
 
         self.path.mkdir(parents=True, exist_ok=True)
-        with atomic_output(self.path / BEST_NAME) as tmp:
+        with atomic_output(self.path / BEST_NAME) as tmp, safetensors_write_errors():
             save_model(model, str(tmp))
 
     def load_best(self, model) -> bool:

@@ -8,6 +8,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from packager.core.checkpoint import safetensors_write_errors
 from packager.core.errors import CheckpointError
 from packager.distill.settings import PROVENANCE_NAME
 
@@ -44,7 +45,8 @@ def write_output(model, pruned_dir: Path, out_dir: Path, provenance: dict, force
     model.to(dtype)
     try:
         with tempfile.TemporaryDirectory(prefix=".distill-save-", dir=out_dir.parent) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True, max_shard_size="100GB")
+            with safetensors_write_errors():
+                model.save_pretrained(tmp, safe_serialization=True, max_shard_size="100GB")
             _write_checkpoint(Path(tmp), pruned_dir, out_dir, dtype, provenance, force)
     except OSError as exc:
         if isinstance(exc, OutputError) or exc.errno not in OUTPUT_ERRNOS:
