@@ -222,6 +222,22 @@ class Backend(abc.ABC):
         rngs = [np.random.default_rng(sampling.seed) for _ in prompts]
         return limits, rngs, [[] for _ in prompts]
 
+    @staticmethod
+    def _group_step(logits, live: list[int], sampling: Sampling, rngs: list, stop: set[int],
+                    outputs: list[list[int]], limits: list[int]) -> list[int]:
+        """One step of a batched group: row r of `logits` picks the next token of sequence `live[r]`
+        (appended to its output unless it is a stop token). Returns the rows that go on: no stop
+        token and still under their limit."""
+        going = []
+        for row, seq in enumerate(live):
+            token = choose_token(logits[row], sampling, rngs[seq])
+            if token in stop:
+                continue
+            outputs[seq].append(token)
+            if len(outputs[seq]) < limits[seq]:
+                going.append(row)
+        return going
+
     def prompt_ids(self, text: str, src: str | Language, tgt: str | Language) -> list[int]:
         return self.tokenize(self.prompt.render(text, src, tgt), special=True)
 

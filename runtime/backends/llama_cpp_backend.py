@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from runtime.backends.base import GREEDY, Backend, Sampling, choose_token
+from runtime.backends.base import GREEDY, Backend, Sampling
 from runtime.errors import BackendError
 from runtime.schema import ExportConfig
 
@@ -327,22 +327,15 @@ class LlamaCppBackend(Backend):
         self.timings.prefill_seconds += time.perf_counter() - started
         self.timings.prefill_tokens += len(tokens)
         while live:
-            step = []
-            for row, seq in enumerate(live):
-                token = choose_token(logits[row], sampling, rngs[seq])
-                if token in stop:
-                    continue
-                outputs[seq].append(token)
-                if len(outputs[seq]) < limits[seq]:
-                    step.append((seq, token))
-            if not step:
+            going = self._group_step(logits, live, sampling, rngs, stop, outputs, limits)
+            if not going:
                 break
-            live = [seq for seq, _ in step]
+            live = [live[row] for row in going]
             started = time.perf_counter()
-            logits = self._submit([token for _, token in step], [len(prompts[s]) + len(outputs[s]) - 1 for s in live],
-                                  live, [True] * len(step))
+            logits = self._submit([outputs[s][-1] for s in live], [len(prompts[s]) + len(outputs[s]) - 1 for s in live],
+                                  live, [True] * len(live))
             self.timings.decode_seconds += time.perf_counter() - started
-            self.timings.decode_tokens += len(step)
+            self.timings.decode_tokens += len(live)
         return outputs
 
     def close(self) -> None:

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from runtime.backends.base import GREEDY, Backend, Sampling, choose_token
+from runtime.backends.base import GREEDY, Backend, Sampling
 from runtime.errors import BackendError
 from runtime.schema import ExportConfig
 
@@ -270,15 +270,8 @@ class OnnxBackend(Backend):
         self.timings.prefill_seconds += time.perf_counter() - started
         self.timings.prefill_tokens += sum(len(prompts[seq]) for seq in live)
         while True:
-            rows, tokens = [], []
-            for row, seq in enumerate(live):
-                token = choose_token(logits[row], sampling, rngs[seq])
-                if token in stop:
-                    continue
-                outputs[seq].append(token)
-                if len(outputs[seq]) < limits[seq]:
-                    rows.append(row)
-                    tokens.append(token)
+            rows = self._group_step(logits, live, sampling, rngs, stop, outputs, limits)
+            tokens = [outputs[live[row]][-1] for row in rows]
             if not rows:
                 return outputs
             if len(rows) < len(live):  # finished rows leave the batch and the cache
