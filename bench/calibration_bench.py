@@ -16,7 +16,6 @@ Usage: python -m bench.calibration_bench [--repeats 25] [--out bench/results/cal
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics

@@ -80,8 +80,6 @@ def data_file(work: Path, sentences: int) -> tuple[Path, bool]:
 
 
 def measure_overhead(gguf_file: Path, data: Path, teacher_forced: bool, repeats: int, threads: int) -> dict:
-    import numpy as np
-
     from packager.calibrate_gguf import LlamaCalibrationModel, PromptBuilder, _packs, inspect_gguf
     from packager.calibration_data import CalibrationSettings, read_examples
     from runtime.prompt import PromptRenderer

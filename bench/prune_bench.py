@@ -218,7 +218,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"building synthetic input in {model_dir} (~{input_estimate / 1e9:.1f} GB)", flush=True)
     input_bytes = build_input(model_dir, args.layers)
 
-    config = json.loads((model_dir / "config.json").read_text())
     rng = random.Random(1)
     keep = {layer_idx: sorted(rng.sample(range(SHAPES["num_experts"]), SHAPES["num_experts"] // 2))
             for layer_idx in range(args.layers)}
