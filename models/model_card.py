@@ -100,11 +100,38 @@ def _training(training: dict) -> list[str]:
         f"step time on {training['threads']} CPU threads of a 2-core machine, seed {training['seed']}."
         + (f" The en->{training['focus']} pairs were seen {1 + training['focus_repeat']} times per epoch (the quality bar is on them)."
            if training.get("focus") else ""),
-        f"- AdamW peak lr {training['lr']}, warmup then cosine over wall time, ~{training['tokens_per_batch']} tokens per "
-        "length-bucketed batch, loss on target tokens only, Switch-style load-balancing loss 0.01, fp32; saved in bf16.",
+        f"- AdamW peak lr {training['lr']}, {_schedule(training)}, ~{training['tokens_per_batch']} tokens per "
+        "length-bucketed batch, loss on target tokens only, Switch-style load-balancing loss 0.01, fp32; saved in bf16"
+        f" ({training.get('weights', 'live')} weights).",
         f"- Final dev loss {training['dev_loss']:.3f}. Command: `{training['command']}`."
-        + (f" Note: {training['note']}." if training.get("note") else ""),
+        + (f" Exported with `{training['export_command']}`." if training.get("export_command") else "")
+        + (f" Note: {training['note'].rstrip('.')}." if training.get("note") else ""),
+        *_earlier_phases(training),
     ]
+
+
+def _schedule(training: dict) -> str:
+    if training.get("schedule") != "wsd":
+        return "warmup then cosine over wall time"
+    text = (f"warmup over {training['warmup_tokens'] / 1e6:g}M tokens, constant, then a linear decay over the last "
+            f"{training['decay_fraction']:.0%} of {training['max_tokens'] / 1e6:g}M tokens")
+    if training.get("ema"):
+        text += f", EMA {training['ema']} of the weights kept"
+    if training.get("length_weighting"):
+        text += ", longer strings weighted up"
+    return text
+
+
+def _earlier_phases(training: dict) -> list[str]:
+    """The run a warm start continued (training.json's `init_training`, itself possibly nested)."""
+    lines, earlier = [], training.get("init_training")
+    while earlier:
+        lines.append(f"- Warm-started from: {earlier['steps']} steps, {earlier['tokens'] / 1e6:.1f}M tokens, "
+                     f"{earlier['train_minutes']} minutes of step time, dev loss {earlier['dev_loss']:.3f} (on its own "
+                     f"data), command `{earlier['command']}`."
+                     + (f" Note: {earlier['note'].rstrip('.')}." if earlier.get("note") else ""))
+        earlier = earlier.get("init_training")
+    return lines
 
 
 def _data(data_card: dict) -> list[str]:

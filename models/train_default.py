@@ -368,9 +368,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.init is not None:
             init_from(model, args.init)
             state["init"] = str(args.init)
+            init_record = args.init / "training.json"
+            if init_record.is_file():  # kept: --init may be overwritten by this run's own export
+                state["init_training"] = json.loads(init_record.read_text())
             say(f"warm start from {args.init}")
     else:
         say(f"resumed at step {state['step']} ({state['elapsed'] / 60:.1f} min, {state['tokens'] / 1e6:.1f}M tokens)")
+    state["recipe"] = recipe_record(args)  # the training's settings, for a later --export-only
     if args.ema and ema is None:
         ema = {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -504,6 +508,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def recipe_record(args) -> dict:
+    """The settings of a training invocation, as training.json records them."""
+    record = {"seed": args.seed, "lr": args.lr, "tokens_per_batch": args.tokens_per_batch, "threads": args.threads,
+              "focus": args.focus, "focus_repeat": args.focus_repeat, "schedule": args.schedule}
+    if args.schedule == "wsd":
+        record.update(max_tokens=args.max_tokens, warmup_tokens=args.warmup_tokens, decay_fraction=args.decay_fraction,
+                      ema=args.ema, length_weighting=args.length_weighting)
+    record["command"] = " ".join(sys.argv)
+    return record
+
+
 def export(model, tokenizer, out: Path, state: dict, args, ema: dict | None = None) -> None:
     """Write the shipped model: bf16 safetensors, tokenizer, chat template, training record."""
     import shutil
@@ -529,14 +544,17 @@ def export(model, tokenizer, out: Path, state: dict, args, ema: dict | None = No
     config = json.loads(config_path.read_text())
     config["num_experts"] = config["num_local_experts"]
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    # --export-only runs with its own arguments; the settings that trained the weights are the
+    # ones the last training invocation stored in the checkpoint
+    recipe = state.get("recipe") or recipe_record(args)
     record = {"steps": state["step"], "tokens": state["tokens"], "train_minutes": round(state["elapsed"] / 60, 1),
-              "dev_loss": state.get("ema_dev_loss" if live is not None else "dev_loss"), "seed": args.seed, "lr": args.lr,
-              "tokens_per_batch": args.tokens_per_batch, "threads": args.threads, "focus": args.focus,
-              "focus_repeat": args.focus_repeat, "schedule": args.schedule, "weights": getattr(args, "export_weights", "live"),
-              "init": state.get("init"), "command": " ".join(sys.argv)}
-    if args.schedule == "wsd":
-        record.update(max_tokens=args.max_tokens, warmup_tokens=args.warmup_tokens, decay_fraction=args.decay_fraction,
-                      ema=args.ema, length_weighting=args.length_weighting)
+              "dev_loss": state.get("ema_dev_loss" if live is not None else "dev_loss"),
+              **{k: v for k, v in recipe.items() if k != "command"},
+              "weights": getattr(args, "export_weights", "live"), "init": state.get("init"), "command": recipe["command"]}
+    if getattr(args, "export_only", False):
+        record["export_command"] = " ".join(sys.argv)
+    if state.get("init_training"):
+        record["init_training"] = state["init_training"]
     (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
