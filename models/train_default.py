@@ -288,7 +288,7 @@ def dev_loss(model, examples, pad_id: int, limit: int = 1500) -> float:
     return total / max(count, 1)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="train the embedded default MoE translator")
     parser.add_argument("--data", type=Path, default=Path("data/harvest"))
     parser.add_argument("--work", type=Path, default=Path("data/train_default"))
@@ -325,15 +325,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-examples", type=int, default=1500, help="examples per dev / monitor loss")
     parser.add_argument("--export-only", action="store_true",
                         help="write the latest checkpoint to --out without training (e.g. to try an intermediate model)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     import torch
-    from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     args.work.mkdir(parents=True, exist_ok=True)
-    log = (args.work / "train.log").open("a")
+    say = _logger(args.work / "train.log")
+    say("command: " + " ".join(sys.argv))
+    run = TrainingRun(args, say)
+    if args.export_only:
+        if run.state is None:
+            raise SystemExit(f"error: no checkpoint in {args.work / 'ckpt'}; train first")
+        run.export()
+        return 0
+    run.start()
+    run.prepare_examples()
+    run.train()
+    run.checkpoint("finished" if run.finished() else "stopped")
+    run.export()
+    return 0
+
+
+def _logger(path: Path):
+    log = path.open("a")
 
     def say(message: str) -> None:
         line = f"{time.strftime('%H:%M:%S')} {message}"
@@ -341,171 +361,199 @@ def main(argv: list[str] | None = None) -> int:
         log.write(line + "\n")
         log.flush()
 
-    say("command: " + " ".join(sys.argv))
-    tok_dir = args.work / "tokenizer"
-    if not (tok_dir / "tokenizer.json").exists():
-        if args.init is not None:
-            AutoTokenizer.from_pretrained(args.init).save_pretrained(tok_dir)
-            say(f"tokenizer from {args.init}")
+    return say
+
+
+class TrainingRun:
+    """One invocation of a resumable run: the model, optimizer, EMA and `state` (steps, tokens,
+    elapsed step time, epoch and batch position, loss history) that the checkpoint holds."""
+
+    def __init__(self, args, say):
+        import torch
+        from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        self.args, self.say = args, say
+        tok_dir = args.work / "tokenizer"
+        if not (tok_dir / "tokenizer.json").exists():
+            if args.init is not None:
+                AutoTokenizer.from_pretrained(args.init).save_pretrained(tok_dir)
+                say(f"tokenizer from {args.init}")
+            else:
+                train = read_pairs(args.data / "train.jsonl")
+                say(f"training tokenizer (vocab {args.vocab}) on {len(train)} pairs")
+                train_tokenizer(train, tok_dir, args.vocab)
+        self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**model_config(len(self.tokenizer))))
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+        self.state = load_checkpoint(args.work, self.model, self.optimizer)
+        self.ema = load_ema(args.work) if self.state is not None else None
+        self.last_eval = time.time()
+
+    def start(self) -> None:
+        args, say = self.args, self.say
+        if self.state is None:
+            self.state = {"elapsed": 0.0, "epoch": 0, "batch": 0, "step": 0, "tokens": 0}
+            if args.init is not None:
+                init_from(self.model, args.init)
+                self.state["init"] = str(args.init)
+                init_record = args.init / "training.json"
+                if init_record.is_file():  # kept: --init may be overwritten by this run's own export
+                    self.state["init_training"] = json.loads(init_record.read_text())
+                say(f"warm start from {args.init}")
         else:
-            train = read_pairs(args.data / "train.jsonl")
-            say(f"training tokenizer (vocab {args.vocab}) on {len(train)} pairs")
-            train_tokenizer(train, tok_dir, args.vocab)
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-    config = Qwen3MoeConfig(**model_config(len(tokenizer)))
-    model = Qwen3MoeForCausalLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    state = load_checkpoint(args.work, model, optimizer)
-    ema = load_ema(args.work) if state is not None else None
-    if args.export_only:
-        if state is None:
-            raise SystemExit(f"error: no checkpoint in {args.work / 'ckpt'}; train first")
-        export(model, tokenizer, args.out, state, args, ema)
-        say(f"exported step {state['step']} ({args.export_weights} weights) to {args.out}")
-        return 0
-    if state is None:
-        state = {"elapsed": 0.0, "epoch": 0, "batch": 0, "step": 0, "tokens": 0}
-        if args.init is not None:
-            init_from(model, args.init)
-            state["init"] = str(args.init)
-            init_record = args.init / "training.json"
-            if init_record.is_file():  # kept: --init may be overwritten by this run's own export
-                state["init_training"] = json.loads(init_record.read_text())
-            say(f"warm start from {args.init}")
-    else:
-        say(f"resumed at step {state['step']} ({state['elapsed'] / 60:.1f} min, {state['tokens'] / 1e6:.1f}M tokens)")
-    state["recipe"] = recipe_record(args)  # the training's settings, for a later --export-only
-    if args.ema and ema is None:
-        ema = {n: p.detach().clone() for n, p in model.named_parameters()}
+            state = self.state
+            say(f"resumed at step {state['step']} ({state['elapsed'] / 60:.1f} min, {state['tokens'] / 1e6:.1f}M tokens)")
+        self.state["recipe"] = recipe_record(args)  # the training's settings, for a later --export-only
+        if args.ema and self.ema is None:
+            self.ema = {n: p.detach().clone() for n, p in self.model.named_parameters()}
 
-    train = read_pairs(args.data / "train.jsonl")
-    dev = read_pairs(args.data / "dev.jsonl")
-    say("encoding examples")
-    weights: list[float] | None = [] if args.length_weighting else None
-    train_examples = encode_examples(tokenizer, train, weights=weights)
-    focus = [code for code in args.focus.split(",") if code]
-    if focus:
-        # The quality bar is on en->de/fr/es: those directions get extra passes, the rest keep one.
-        unknown = sorted(set(focus) - set(MODEL_LANGS[1:]))
-        if unknown:
-            raise SystemExit(f"error: --focus {','.join(unknown)}: not a target language of the model {MODEL_LANGS[1:]}")
-        focus_records = [r for r in train if r["src_lang"] == "en" and r["tgt_lang"] in focus]
-        extra_weights: list[float] | None = [] if weights is not None else None
-        extra = encode_examples(tokenizer, focus_records, both_ways=False, weights=extra_weights)
-        train_examples += extra * args.focus_repeat
-        if weights is not None:
-            weights += extra_weights * args.focus_repeat
-    dev_examples = encode_examples(tokenizer, dev)
-    random.Random(args.seed).shuffle(dev_examples)
-    monitor_examples = []
-    if args.monitor is not None:
-        monitor_records = read_pairs(args.monitor)
-        monitor_records = random.Random(args.seed).sample(monitor_records, min(len(monitor_records), args.eval_examples))
-        monitor_examples = encode_examples(tokenizer, monitor_records)
-        random.Random(args.seed).shuffle(monitor_examples)
-    per_epoch = sum(weights) if weights is not None else len(train_examples)
-    say(f"{len(train_examples)} training examples ({per_epoch:.0f} per epoch after weighting), "
-        f"{len(dev_examples)} dev examples, {len(monitor_examples)} monitor examples")
-    n_params = sum(p.numel() for p in model.parameters())
-    say(f"model: {n_params / 1e6:.2f}M parameters; schedule {args.schedule}, {args.threads} thread(s)")
+    def prepare_examples(self) -> None:
+        args, say, tokenizer = self.args, self.say, self.tokenizer
+        train = read_pairs(args.data / "train.jsonl")
+        dev = read_pairs(args.data / "dev.jsonl")
+        say("encoding examples")
+        weights: list[float] | None = [] if args.length_weighting else None
+        train_examples = encode_examples(tokenizer, train, weights=weights)
+        focus = [code for code in args.focus.split(",") if code]
+        if focus:
+            # The quality bar is on en->de/fr/es: those directions get extra passes, the rest keep one.
+            unknown = sorted(set(focus) - set(MODEL_LANGS[1:]))
+            if unknown:
+                raise SystemExit(f"error: --focus {','.join(unknown)}: not a target language of the model {MODEL_LANGS[1:]}")
+            focus_records = [r for r in train if r["src_lang"] == "en" and r["tgt_lang"] in focus]
+            extra_weights: list[float] | None = [] if weights is not None else None
+            extra = encode_examples(tokenizer, focus_records, both_ways=False, weights=extra_weights)
+            train_examples += extra * args.focus_repeat
+            if weights is not None:
+                weights += extra_weights * args.focus_repeat
+        dev_examples = encode_examples(tokenizer, dev)
+        random.Random(args.seed).shuffle(dev_examples)
+        monitor_examples = []
+        if args.monitor is not None:
+            monitor_records = read_pairs(args.monitor)
+            monitor_records = random.Random(args.seed).sample(monitor_records, min(len(monitor_records), args.eval_examples))
+            monitor_examples = encode_examples(tokenizer, monitor_records)
+            random.Random(args.seed).shuffle(monitor_examples)
+        per_epoch = sum(weights) if weights is not None else len(train_examples)
+        say(f"{len(train_examples)} training examples ({per_epoch:.0f} per epoch after weighting), "
+            f"{len(dev_examples)} dev examples, {len(monitor_examples)} monitor examples")
+        n_params = sum(p.numel() for p in self.model.parameters())
+        say(f"model: {n_params / 1e6:.2f}M parameters; schedule {args.schedule}, {args.threads} thread(s)")
+        self.train_examples, self.weights = train_examples, weights
+        self.dev_examples, self.monitor_examples = dev_examples, monitor_examples
 
-    def learning_rate() -> float:
+    def learning_rate(self) -> float:
+        args, state = self.args, self.state
         if args.schedule == "wsd":
             return lr_wsd(state["tokens"], args.lr, args.max_tokens, args.warmup_tokens, args.decay_fraction)
         return lr_at(state["elapsed"] / (args.minutes * 60), args.lr)
 
-    def finished() -> bool:
-        if args.schedule == "wsd":
-            return state["tokens"] >= args.max_tokens
-        return state["elapsed"] >= args.minutes * 60
+    def finished(self) -> bool:
+        if self.args.schedule == "wsd":
+            return self.state["tokens"] >= self.args.max_tokens
+        return self.state["elapsed"] >= self.args.minutes * 60
 
-    last_eval = [time.time()]
+    def _losses(self, prefix: str) -> tuple[str, str]:
+        """Dev (and monitor) loss of the model's current weights, stored in state under `prefix`."""
+        n, state = self.args.eval_examples, self.state
+        state[f"{prefix}dev_loss"] = dev_loss(self.model, self.dev_examples, self.pad_id, n)
+        monitor = ""
+        if self.monitor_examples:
+            state[f"{prefix}monitor_loss"] = dev_loss(self.model, self.monitor_examples, self.pad_id, n)
+            monitor = f"{state[f'{prefix}monitor_loss']:.3f}"
+        return f"{state[f'{prefix}dev_loss']:.3f}", monitor
 
-    def checkpoint(reason: str, evaluate: bool = True) -> None:
+    def checkpoint(self, reason: str, evaluate: bool = True) -> None:
+        import torch
+
+        state, model, ema = self.state, self.model, self.ema
         if not evaluate:
-            save_checkpoint(args.work, model, optimizer, state, ema)
-            say(f"{reason} step {state['step']} tokens {state['tokens'] / 1e6:.2f}M (losses not evaluated)")
+            save_checkpoint(self.args.work, model, self.optimizer, state, ema)
+            self.say(f"{reason} step {state['step']} tokens {state['tokens'] / 1e6:.2f}M (losses not evaluated)")
             return
-        last_eval[0] = time.time()
-        n = args.eval_examples
-        state["dev_loss"] = dev_loss(model, dev_examples, pad_id, n)
-        line = f"{reason} step {state['step']} tokens {state['tokens'] / 1e6:.2f}M dev loss {state['dev_loss']:.3f}"
-        if monitor_examples:
-            state["monitor_loss"] = dev_loss(model, monitor_examples, pad_id, n)
-            line += f" monitor loss {state['monitor_loss']:.3f}"
+        self.last_eval = time.time()
+        dev, monitor = self._losses("")
+        line = f"{reason} step {state['step']} tokens {state['tokens'] / 1e6:.2f}M dev loss {dev}"
+        if monitor:
+            line += f" monitor loss {monitor}"
         if ema is not None:
             live = {name: p.detach().clone() for name, p in model.named_parameters()}
             with torch.no_grad():
                 for name, p in model.named_parameters():
                     p.copy_(ema[name])
-            state["ema_dev_loss"] = dev_loss(model, dev_examples, pad_id, n)
-            line += f" | ema dev loss {state['ema_dev_loss']:.3f}"
-            if monitor_examples:
-                state["ema_monitor_loss"] = dev_loss(model, monitor_examples, pad_id, n)
-                line += f" monitor {state['ema_monitor_loss']:.3f}"
+            dev, monitor = self._losses("ema_")
+            line += f" | ema dev loss {dev}" + (f" monitor {monitor}" if monitor else "")
             with torch.no_grad():
                 for name, p in model.named_parameters():
                     p.copy_(live[name])
         state.setdefault("history", []).append({k: state.get(k) for k in (
             "step", "tokens", "elapsed", "dev_loss", "monitor_loss", "ema_dev_loss", "ema_monitor_loss")})
-        save_checkpoint(args.work, model, optimizer, state, ema)
-        say(line)
+        save_checkpoint(self.args.work, model, self.optimizer, state, ema)
+        self.say(line)
 
-    pad_id = tokenizer.pad_token_id
-    if state["step"] == 0:  # the starting point (a warm start's losses on the new data)
-        start_line = f"start dev loss {dev_loss(model, dev_examples, pad_id, args.eval_examples):.3f}"
-        if monitor_examples:
-            start_line += f" monitor loss {dev_loss(model, monitor_examples, pad_id, args.eval_examples):.3f}"
-        say(start_line)
-    model.train()
-    invocation_start = time.time()
-    last_ckpt = time.time()
-    window_tokens, window_time = 0, 0.0
-    stop = False
-    while not finished() and not stop:
-        batches = bucketed_batches(train_examples, args.tokens_per_batch, random.Random(args.seed + state["epoch"]), weights)
-        while state["batch"] < len(batches) and not finished():
-            if args.stop_minutes is not None and time.time() - invocation_start > args.stop_minutes * 60:
-                stop = True
-                break
-            started = time.time()
-            ids, labels, mask = collate(train_examples, batches[state["batch"]], pad_id)
-            lr = learning_rate()
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss, ce = target_loss(model, ids, labels, mask)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                with torch.no_grad():
-                    for n, p in model.named_parameters():
-                        ema[n].lerp_(p.detach(), 1 - args.ema)
-            state["batch"] += 1
-            state["step"] += 1
-            tokens = int(mask.sum())
-            state["tokens"] += tokens
-            spent = time.time() - started
-            state["elapsed"] += spent
-            window_tokens += tokens
-            window_time += spent
-            if state["step"] % 100 == 0:
-                say(f"step {state['step']} epoch {state['epoch']} ce {ce.item():.3f} lr {lr:.2e} "
-                    f"tokens {state['tokens'] / 1e6:.2f}M elapsed {state['elapsed'] / 60:.1f}m "
-                    f"{window_tokens / max(window_time, 1e-9):.0f} tok/s")
-                window_tokens, window_time = 0, 0.0
-            if time.time() - last_ckpt > args.checkpoint_minutes * 60:
-                due = args.eval_minutes is None or time.time() - last_eval[0] > args.eval_minutes * 60
-                checkpoint("checkpoint", evaluate=due)
-                last_ckpt = time.time()
-        if state["batch"] >= len(batches):
-            state["epoch"] += 1
-            state["batch"] = 0
-    checkpoint("finished" if finished() else "stopped")
-    export(model, tokenizer, args.out, state, args, ema)
-    say(f"exported step {state['step']} ({args.export_weights} weights) to {args.out}")
-    return 0
+    def train(self) -> None:
+        """Step through epochs of length-bucketed batches until the schedule ends or --stop-minutes."""
+        args, state = self.args, self.state
+        if state["step"] == 0:  # the starting point (a warm start's losses on the new data)
+            n = args.eval_examples
+            start_line = f"start dev loss {dev_loss(self.model, self.dev_examples, self.pad_id, n):.3f}"
+            if self.monitor_examples:
+                start_line += f" monitor loss {dev_loss(self.model, self.monitor_examples, self.pad_id, n):.3f}"
+            self.say(start_line)
+        self.model.train()
+        invocation_start = last_ckpt = time.time()
+        self.window_tokens, self.window_time = 0, 0.0
+        while not self.finished():
+            batches = bucketed_batches(self.train_examples, args.tokens_per_batch,
+                                       random.Random(args.seed + state["epoch"]), self.weights)
+            while state["batch"] < len(batches) and not self.finished():
+                if args.stop_minutes is not None and time.time() - invocation_start > args.stop_minutes * 60:
+                    return
+                self.step(batches[state["batch"]])
+                if time.time() - last_ckpt > args.checkpoint_minutes * 60:
+                    due = args.eval_minutes is None or time.time() - self.last_eval > args.eval_minutes * 60
+                    self.checkpoint("checkpoint", evaluate=due)
+                    last_ckpt = time.time()
+            if state["batch"] >= len(batches):
+                state["epoch"] += 1
+                state["batch"] = 0
+
+    def step(self, batch) -> None:
+        import torch
+
+        args, state, model = self.args, self.state, self.model
+        started = time.time()
+        ids, labels, mask = collate(self.train_examples, batch, self.pad_id)
+        lr = self.learning_rate()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss, ce = target_loss(model, ids, labels, mask)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    self.ema[n].lerp_(p.detach(), 1 - args.ema)
+        state["batch"] += 1
+        state["step"] += 1
+        tokens = int(mask.sum())
+        state["tokens"] += tokens
+        spent = time.time() - started
+        state["elapsed"] += spent
+        self.window_tokens += tokens
+        self.window_time += spent
+        if state["step"] % 100 == 0:
+            self.say(f"step {state['step']} epoch {state['epoch']} ce {ce.item():.3f} lr {lr:.2e} "
+                     f"tokens {state['tokens'] / 1e6:.2f}M elapsed {state['elapsed'] / 60:.1f}m "
+                     f"{self.window_tokens / max(self.window_time, 1e-9):.0f} tok/s")
+            self.window_tokens, self.window_time = 0, 0.0
+
+    def export(self) -> None:
+        export(self.model, self.tokenizer, self.args.out, self.state, self.args, self.ema)
+        self.say(f"exported step {self.state['step']} ({self.args.export_weights} weights) to {self.args.out}")
 
 
 def recipe_record(args) -> dict:

@@ -37,12 +37,15 @@ def test_warm_started_run_resumes_and_export_only_keeps_the_recipe(tiny_data, tm
     work, out, exported = tmp_path / "work", tmp_path / "out", tmp_path / "exported"
     recipe = ["--data", str(tiny_data), "--work", str(work), "--init", str(DEFAULT), "--schedule", "wsd",
               "--max-tokens", "2500", "--warmup-tokens", "200", "--decay-fraction", "0.5", "--lr", "3e-4",
-              "--tokens-per-batch", "400", "--threads", "1", "--eval-examples", "20", "--out", str(out)]
+              "--tokens-per-batch", "400", "--threads", "1", "--eval-examples", "20", "--out", str(out),
+              "--ema", "0.9", "--length-weighting", "--focus", "de", "--focus-repeat", "1",
+              "--monitor", str(tiny_data / "dev.jsonl")]
     first = _run(*recipe)
     assert first.returncode == 0, first.stderr[-2000:]
     trained = json.loads((out / "training.json").read_text())
     assert trained["tokens"] >= 2500 and trained["lr"] == 3e-4 and trained["max_tokens"] == 2500
     assert trained["init_training"] == json.loads((DEFAULT / "training.json").read_text())
+    assert trained["ema"] == 0.9 and trained["length_weighting"] and trained["focus"] == "de"
 
     weights = (out / "model.safetensors").read_bytes()
     again = _run(*recipe)  # the schedule is done: it resumes, trains nothing, exports the same weights
