@@ -10,25 +10,13 @@ computes the cell again instead of reusing a result the new code would not give.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Sequence
 
+from packager.pair_data import bound_description, digest, generation_bound
+
 CELL_FORMAT = "packager.experiment-cell/1"
-# generation bound per batch: 2 x the longest prompt + 10 tokens. Tighter than `packager
-# verify` (3x + 12) because looping outputs of damaged masks dominate the sweep's cost; a
-# loop is still caught by the repetition detector.
-NEW_TOKENS_PER_SOURCE_TOKEN = 2
-NEW_TOKENS_SLACK = 10
-
-
-def digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
-
-
-def canonical_keep(keep: dict[int, list[int]] | None):
-    return None if keep is None else {str(k): sorted(v) for k, v in sorted(keep.items())}
 
 
 def cell_code() -> str:
@@ -39,9 +27,7 @@ def cell_code() -> str:
 
 
 def decoding(batch_size: int, max_new_tokens: int) -> dict:
-    return {"kind": "greedy", "batch_size": batch_size,
-            "max_new_tokens": f"min({max_new_tokens}, {NEW_TOKENS_PER_SOURCE_TOKEN} x longest prompt "
-                              f"in the batch + {NEW_TOKENS_SLACK})"}
+    return {"kind": "greedy", "batch_size": batch_size, "max_new_tokens": bound_description(max_new_tokens)}
 
 
 class CellCache:
@@ -80,9 +66,7 @@ def translate(model, prompts: list, eos_id: int, pad_id: int, keep: dict[int, li
     from packager.distill import greedy_generate
     from packager.masking import expert_mask
 
-    def bound(longest_prompt: int) -> int:
-        return min(max_new_tokens, NEW_TOKENS_PER_SOURCE_TOKEN * longest_prompt + NEW_TOKENS_SLACK)
-
+    bound = generation_bound(max_new_tokens)
     if keep is None:
         return greedy_generate(model, prompts, eos_id, pad_id, max_new_tokens=bound, batch_size=batch_size)
     with expert_mask(model, keep):

@@ -31,15 +31,17 @@ GPT-OSS (clamped SwiGLU with biases) are refused with one line.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
 from packager.core.errors import PackagerError
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +128,7 @@ def calibration_hidden_states(model_dir: Path, records: Sequence[dict], moe_laye
     from packager.core.arch import load_arch
     from packager.calibrate import load_model
     from packager.calibration_data import PromptBuilder
+    from packager.pair_data import pad_batch
 
     loaded = load_model(model_dir)
     arch = load_arch(loaded.config)
@@ -158,13 +161,7 @@ def calibration_hidden_states(model_dir: Path, records: Sequence[dict], moe_laye
             for start in range(0, len(sequences), batch_size):
                 if min(counts.values()) >= max_tokens:
                     break
-                batch = sequences[start:start + batch_size]
-                longest = max(len(s) for s in batch)
-                ids = torch.full((len(batch), longest), loaded.pad_id, dtype=torch.long)
-                attn = torch.zeros((len(batch), longest), dtype=torch.long)
-                for row, seq in enumerate(batch):
-                    ids[row, :len(seq)] = torch.tensor(seq)
-                    attn[row, :len(seq)] = 1
+                ids, attn = pad_batch(sequences[start:start + batch_size], loaded.pad_id)
                 current_mask[0] = attn.bool()
                 loaded.model(input_ids=ids, attention_mask=attn)
     finally:
@@ -240,21 +237,12 @@ def routing_mass(stats, langs: Sequence[str], direction: str, layers: Sequence[i
 
 
 def read_records(paths: Sequence[Path], limit: int) -> list[dict]:
+    from packager.pair_data import PAIR_KEYS, iter_pair_records
+
     records = []
     for path in paths:
-        try:
-            lines = Path(path).read_text(encoding="utf-8").splitlines()
-        except FileNotFoundError:
-            raise MergeError(f"{path}: calibration file not found") from None
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                record = {k: record[k] for k in ("src_lang", "tgt_lang", "src", "tgt")}
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise MergeError(f"{path}:{number}: not a JSONL record with src_lang, tgt_lang, src, tgt ({exc})") from None
-            records.append(record)
+        for _, record in iter_pair_records(path, MergeError, "calibration"):
+            records.append({k: record[k] for k in PAIR_KEYS})
             if len(records) >= limit:
                 return records
     return records

@@ -18,6 +18,7 @@ import packager.distill as distill_module
 import packager.experiment_cells as cells_module
 from packager.core.code_version import code_digest
 from packager.core.checkpoint import CheckpointReader
+from packager.core.fingerprint import file_sha256
 from packager.experiments import QUICK, RESULTS_SCHEMA, Experiment, ExperimentError
 from packager.planning import PlanSettings, global_iou, plan_keep
 from packager.core.stats import RoutingStats
@@ -194,3 +195,56 @@ def test_missing_data_is_one_error_line(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'train.jsonl'}: harvested split not found; run "
                                                 "`make data-eval` (or `python -m models.harvest`) first"]
+
+
+def test_reduce_stage_merge_drop_and_top_k(setup):
+    from packager.experiments.reduce import layer_top_k
+
+    work, model, data, results = setup
+    reduce = results["reduce"]
+    assert reduce["pack"] == "en->de" and reduce["n_per_direction"] == 6
+    assert [r["drop_ratio"] for r in reduce["merge_vs_drop"]] == [0.5, 0.75]
+    for row in reduce["merge_vs_drop"]:
+        assert sum(row["counts"]) == (8 if row["drop_ratio"] == 0.5 else 4)
+        # a merged and a dropped checkpoint share the router fingerprint, not the cache identity
+        assert row["drop"]["identity"] != row["merge"]["identity"]
+        tag = f"{int(row['drop_ratio'] * 1000):04d}"
+        pruning = json.loads((work / "out" / "models" / f"reduce-merge-{tag}" / "pruning.json").read_text())
+        assert pruning["reduce"] == "merge"
+        assert sum(len(pairs) for pairs in pruning["merge"]["map"].values()) == 16 - sum(row["counts"])
+    assert [(r["model"], r["top_k"]) for r in reduce["top_k"]] == [("parent", 2), ("parent", 1), ("50% dropped", 2),
+                                                                   ("50% dropped", 1)]
+    for row in reduce["top_k"]:
+        assert row["speed"]["decode_tok_s"] > 0 and len(row["speed"]["decode_tok_s_runs"]) == 1
+    def timeless(cell):
+        return {k: v for k, v in cell.items() if k != "seconds"}
+
+    # the parent read back from its directory scores exactly like the loaded parent
+    assert timeless(reduce["top_k"][0]["directions"]["en-de"]) == timeless(results["parent"]["packs"]["en->de"]["directions"]["en-de"])
+    assert [r["per_layer_k"] for r in reduce["per_layer_top_k"]] == [[1, 2], [2, 1]]
+    # k=1 in every layer in memory scores exactly like the k=1 copy that reduce_top_k wrote
+    experiment = Experiment(model, data, work / "out", CONFIG, None, show_progress=False, command="test")
+    experiment.load_parent()
+    experiment.load_samples()
+    with layer_top_k(experiment.parent.model, {0: 1, 1: 1}) as masked:
+        every_layer = experiment.evaluate("test-all-layers-k1", "en-de", model=masked, n=6)
+    uniform = reduce["top_k"][1]["directions"]["en-de"]
+    assert timeless(every_layer) == timeless(uniform)
+    page = (work / "docs" / "results.md").read_text()
+    assert "## Merge vs drop, top-k reduction (en->de, test split)" in page
+
+
+def test_only_reduce_on_the_dev_split(setup):
+    work, model, data, results = setup
+    out = work / "reduce-dev"
+    proc = subprocess.run([sys.executable, "-m", "packager.experiments", "--quick", "--only", "reduce", "--split", "dev",
+                           "--sample", "6", "--model", str(model), "--data", str(data), "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((out / "reduce.json").read_text())
+    assert record["setup"]["test_sample"]["split"] == "dev" and record["setup"]["calibration"]["split"] == "train"
+    assert record["model"]["weights_sha256"] == {"model.safetensors": file_sha256(model / "model.safetensors")}
+    assert record["reduce"]["split"] == "dev" and len(record["reduce"]["merge_vs_drop"]) == 2
+    assert (out / "stats-train.safetensors").is_file() and not (out / "stats.safetensors").exists()
+    page = (out / "results.md").read_text()
+    assert "## Merge vs drop, top-k reduction (en->de, dev split)" in page and "model.safetensors sha256" in page
