@@ -51,6 +51,11 @@ PACKS.toml (paths are relative to the TOML file):
     name = "en-de"
     directions = "en->de"
 
+Budgets in place of (or besides) drop ratios: `budgets = [{max_file_mb = 12, format = "gguf",
+quant = "Q8_0"}, {max_loss = 1.0}]` at the top or in a [[pack]], with a `[search]` table (`dev`
+required): each budget is one plan step that runs `packager plan search` on the dev split
+(packager.pack_budgets), shared by the pack's variants.
+
 A GGUF parent (`parent = "path/model.gguf"`) builds with no Hugging Face weights and neither
 torch nor transformers (the `gguf` extra): calibrate in llama.cpp (packager.calibrate_gguf) ->
 plan -> prune-gguf -> quantize (when asked) -> verify -> bundle -> report. Its variants are

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,8 @@ VARIANT_KEYS = ("format", "allocation", "ranker", "quant")
 UNQUANTIZED_GGUF_TYPES = ("F32", "F16", "BF16")  # a GGUF parent of these types may be quantized further
 # the module whose code writes a variant's files: format -> (Hugging Face parent, GGUF parent)
 EXPORTERS = {"gguf": ("converters.gguf.export", "converters.gguf.quantize"), "onnx": ("converters.onnx.export", None)}
-TOP_KEYS = {"parent", "drop_ratios", "ranker", "threads", "archive", "calibration", "verify", "variant", "pack", "profiles"}
+TOP_KEYS = {"parent", "drop_ratios", "budgets", "search", "ranker", "threads", "archive", "calibration", "verify", "variant",
+            "pack", "profiles"}
 CALIBRATION_KEYS = {"max_sentences", "teacher_forced", "max_new_tokens", "batch_size", "seed", "reap"}
 # how a Hugging Face parent runs (packager.core.layer_stream): they change memory and speed, not results
 EXECUTION_KEYS = {"dtype", "device", "execution", "expert_group_mb", "max_activation_mb", "spill_dir", "generator"}
@@ -52,6 +53,7 @@ class PackSpec:
     langs: tuple[str, ...]            # non-English languages (planning)
     direction: str                    # en-x | x-en | both (planning)
     drop_ratios: tuple[float, ...]
+    budgets: tuple = ()               # packager.pack_budgets.BudgetSpec: plans chosen by plan search
 
 
 @dataclass
@@ -71,6 +73,7 @@ class BuildConfig:
     profiles: tuple[str, ...] = ()        # device profiles (packager.fit.PROFILES): fit.json names the best bundle for each
     shard_by: str = "direction"           # calibration shards: one per direction, or "none" (one run over all)
     slices: int = 1                       # ... each cut into this many interleaved slices of its sentences
+    search: dict = field(default_factory=dict)   # [search]: plan search settings of the budgets (packager.pack_budgets)
 
     @property
     def gguf_parent(self) -> bool:
@@ -144,6 +147,7 @@ def load_build_config(path: str | os.PathLike) -> BuildConfig:
     if unknown:
         raise _fail(source, f"unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(TOP_KEYS))}")
     packs = _read_packs(source, data)
+    search = _read_search(source, data, packs, parent_gguf_type)
     variants = _read_variants(source, data, parent_gguf_type)
     calibration_data, calibration, shard_by, slices = _read_calibration(source, data)
     verify_settings = dict(data.get("verify", {}))
@@ -160,7 +164,7 @@ def load_build_config(path: str | os.PathLike) -> BuildConfig:
         raise _fail(source, f"profiles must be a list of device profiles ({', '.join(PROFILES)}), got {profiles!r}")
     return BuildConfig(source, parent, packs, variants, calibration_data, calibration, test_file, verify_settings,
                        threads, bool(data.get("archive", False)), hashlib.sha256(raw).hexdigest(), parent_gguf_type,
-                       tuple(profiles), shard_by, slices)
+                       tuple(profiles), shard_by, slices, search)
 
 
 def _drops_of(source: Path, value: Any, where: str) -> tuple[float, ...]:
@@ -187,13 +191,42 @@ def _read_packs(source: Path, data: dict) -> list[PackSpec]:
         except VerifyError as exc:
             raise _fail(source, f"{where}: {exc}") from None
         langs, direction = _pack_planning(source, name, pairs)
+        budgets = _budgets_of(source, item, data, where)
+        drops = item.get("drop_ratios", data.get("drop_ratios", None if budgets else default_drops))
         packs.append(PackSpec(name, item["directions"], tuple(str(p) for p in pairs), langs, direction,
-                              _drops_of(source, item.get("drop_ratios", default_drops), f"{where} drop_ratios")))
+                              () if drops is None else _drops_of(source, drops, f"{where} drop_ratios"), budgets))
     if not packs:
         raise _fail(source, "no [[pack]]: add at least one, e.g. name = \"en-de\", directions = \"en->de\"")
     if len({p.name for p in packs}) != len(packs):
         raise _fail(source, "two packs have the same name")
     return packs
+
+
+def _budgets_of(source: Path, item: dict, data: dict, where: str) -> tuple:
+    """A pack's budgets (its own, else the file's): plans from packager plan search, besides or in place of drop ratios."""
+    from packager.pack_budgets import parse_budgets
+    from packager.plan_budgets import SearchError
+
+    if "budgets" not in item and "budgets" not in data:
+        return ()
+    try:
+        return parse_budgets(item.get("budgets", data.get("budgets")), f"{where} budgets")
+    except SearchError as exc:
+        raise _fail(source, str(exc)) from None
+
+
+def _read_search(source: Path, data: dict, packs: list[PackSpec], parent_gguf_type: str | None) -> dict:
+    from packager.pack_budgets import parse_search
+    from packager.plan_budgets import SearchError
+
+    if not any(p.budgets for p in packs):
+        return {}
+    if parent_gguf_type is not None:
+        raise _fail(source, "budgets search plans in transformers: they need a Hugging Face parent")
+    try:
+        return parse_search(data.get("search"), source)
+    except SearchError as exc:
+        raise _fail(source, str(exc)) from None
 
 
 def _read_variants(source: Path, data: dict, parent_gguf_type: str | None) -> list[Variant]:

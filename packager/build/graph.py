@@ -36,6 +36,21 @@ def drop_slug(drop: float) -> str:
     return f"d{round(drop * 100):02d}"
 
 
+# A pack's plans come from drop ratios and from budgets (packager.pack_budgets.BudgetSpec): a
+# budget is one searched plan for every variant, named by its slug; its drop ratio, ranker and
+# allocation are the chosen plan's (plan.json meta, which the report reads).
+def _is_budget(drop) -> bool:
+    return not isinstance(drop, float)
+
+
+def _what(drop) -> str:
+    return drop.title if _is_budget(drop) else f"drop {drop:.0%}"
+
+
+def _plan_dir(drop, variant: Variant) -> str:
+    return drop.slug if _is_budget(drop) else f"{drop_slug(drop)}-{variant.allocation}-{variant.ranker}"
+
+
 def make_graph(config: BuildConfig, run_dir: Path, command: str | None) -> BuildGraph:
     """Every step of the build, in an order that runs each after the steps it needs."""
     inputs = {
@@ -50,7 +65,7 @@ def make_graph(config: BuildConfig, run_dir: Path, command: str | None) -> Build
                        "code": _code("packager.verify")}
     parents = _parent_steps(config, run_dir, inputs, verify_settings, command, graph)
     for pack in config.packs:
-        for drop in pack.drop_ratios:
+        for drop in pack.drop_ratios + pack.budgets:
             _pack_steps(config, run_dir, pack, drop, inputs, calibration, verify_settings, parents, command, graph)
     metrics_files = list(graph.metrics_files)
 
@@ -146,38 +161,46 @@ def _parent_steps(config: BuildConfig, run_dir: Path, inputs: dict, verify_setti
     return parent_metrics
 
 
-def _pack_steps(config: BuildConfig, run_dir: Path, pack: PackSpec, drop: float, inputs: dict, calibration: Step,
+def _pack_steps(config: BuildConfig, run_dir: Path, pack: PackSpec, drop, inputs: dict, calibration: Step,
                 verify_settings: dict, parents: dict, command, graph: BuildGraph) -> None:
-    """plan -> prune (once per allocation x ranker) -> export -> verify -> bundle for one pack x drop."""
+    """plan -> prune (once per allocation x ranker; once for a budget) -> export -> verify -> bundle for one
+    pack x drop ratio or budget."""
     pruned: dict[tuple[str, str], tuple[Path, str, str]] = {}
     calibration_key = key_of(calibration.inputs)
     for variant in config.variants:
-        base = run_dir / "packs" / pack.name / f"{drop_slug(drop)}-{variant.allocation}-{variant.ranker}"
+        base = run_dir / "packs" / pack.name / _plan_dir(drop, variant)
         prefix = f"{pack.name}/{base.name}"
-        if (variant.allocation, variant.ranker) not in pruned:
+        slot = ("budget", "") if _is_budget(drop) else (variant.allocation, variant.ranker)
+        if slot not in pruned:
             plan_path = base / "plan.json"
-            plan_inputs = {"stats": calibration_key, "langs": pack.langs, "direction": pack.direction, "drop": drop,
-                           "ranker": variant.ranker, "allocation": variant.allocation, "code": _code("packager.planning")}
+            if _is_budget(drop):
+                plan_inputs = {"stats": calibration_key, "parent": inputs["parent"],
+                               "dev": file_key(Path(config.search["dev"])), "code": _code("packager.pack_budgets"),
+                               **runners.budget_plan_inputs(config, pack, drop)}
+                plan_run, title = runners.budget_plan_runner(config, calibration.outputs[0], plan_path, pack, drop, command), ""
+            else:
+                plan_inputs = {"stats": calibration_key, "langs": pack.langs, "direction": pack.direction, "drop": drop,
+                               "ranker": variant.ranker, "allocation": variant.allocation, "code": _code("packager.planning")}
+                plan_run = runners.plan_runner(calibration.outputs[0], plan_path, pack, drop, variant, command)
+                title = f" {variant.ranker}/{variant.allocation}"
             prune_inputs = {"plan": key_of(plan_inputs), "parent": inputs["parent"],
                             "code": _code("converters.gguf.prune_gguf" if config.gguf_parent else "packager.prune")}
-            graph.steps.append(Step(f"{prefix}/plan", f"plan {pack.name} drop {drop:.0%} {variant.ranker}/{variant.allocation}",
-                                    plan_inputs, [plan_path],
-                                    runners.plan_runner(calibration.outputs[0], plan_path, pack, drop, variant, command),
-                                    needs=[calibration.id]))
+            graph.steps.append(Step(f"{prefix}/plan", f"plan {pack.name} {_what(drop)}{title}", plan_inputs, [plan_path],
+                                    plan_run, needs=[calibration.id], resources={"num_cpus": config.threads or 1}))
             if config.gguf_parent:  # prune-gguf: the pruned GGUF in the parent's own type
                 pruned_path = base / "gguf" / "model.gguf"
                 prune_run = runners.prune_gguf_runner(config.parent, plan_path, pruned_path)
             else:
                 pruned_path = base / "pruned"
                 prune_run = runners.prune_runner(config.parent, plan_path, pruned_path)
-            graph.steps.append(Step(f"{prefix}/prune", f"prune {pack.name} drop {drop:.0%} {variant.allocation}",
+            graph.steps.append(Step(f"{prefix}/prune", f"prune {pack.name} {_what(drop)} {variant.allocation}",
                                     prune_inputs, [pruned_path], prune_run, needs=[f"{prefix}/plan"]))
-            pruned[(variant.allocation, variant.ranker)] = (pruned_path, key_of(prune_inputs), f"{prefix}/prune")
-        _variant_steps(config, run_dir, pack, drop, variant, base, pruned[(variant.allocation, variant.ranker)],
+            pruned[slot] = (pruned_path, key_of(prune_inputs), f"{prefix}/prune")
+        _variant_steps(config, run_dir, pack, drop, variant, base, pruned[slot],
                        inputs, verify_settings, parents, command, graph)
 
 
-def _variant_steps(config: BuildConfig, run_dir: Path, pack: PackSpec, drop: float, variant: Variant, base: Path,
+def _variant_steps(config: BuildConfig, run_dir: Path, pack: PackSpec, drop, variant: Variant, base: Path,
                    pruned: tuple[Path, str, str], inputs: dict, verify_settings: dict, parents: dict, command,
                    graph: BuildGraph) -> None:
     """export (or quantize) -> per quantization: verify -> bundle, for one pruned model."""
@@ -192,7 +215,7 @@ def _variant_steps(config: BuildConfig, run_dir: Path, pack: PackSpec, drop: flo
         files = runners.gguf_parent_files(pruned_path, export_dir, variant.quant, config.parent_gguf_type)
         quantized = {q: f for q, f in files.items() if f != pruned_path}
         if quantized:
-            graph.steps.append(Step(f"{prefix}/quantize", f"quantize {pack.name} drop {drop:.0%} to {', '.join(quantized)}",
+            graph.steps.append(Step(f"{prefix}/quantize", f"quantize {pack.name} {_what(drop)} to {', '.join(quantized)}",
                                     export_inputs, list(quantized.values()),
                                     (lambda p=pruned_path, quantized=quantized: runners.quantize_files(p, quantized, threads)),
                                     needs=[prune_id], resources={"num_cpus": threads or 1}))
@@ -200,17 +223,18 @@ def _variant_steps(config: BuildConfig, run_dir: Path, pack: PackSpec, drop: flo
     else:
         files = runners.expected_exports(variant.format, export_dir, variant.quant)
         graph.steps.append(Step(f"{prefix}/export",
-                                f"export {pack.name} drop {drop:.0%} to {variant.format} {', '.join(variant.quant)}",
+                                f"export {pack.name} {_what(drop)} to {variant.format} {', '.join(variant.quant)}",
                                 export_inputs, list(files.values()),
                                 (lambda v=variant, d=export_dir, p=pruned_path:
                                  runners.export_model(v.format, p, d, v.quant, threads)),
                                 needs=[prune_id], resources={"num_cpus": threads or 1}))
         made_by = graph.steps[-1].id
     for q, model_file in files.items():
-        name = f"{pack.name}-{variant.format}-{q}-{drop_slug(drop)}-{variant.allocation}"
+        name = f"{pack.name}-{variant.format}-{q}-" + (drop.slug if _is_budget(drop) else f"{drop_slug(drop)}-{variant.allocation}")
         metrics_path = export_dir / f"{q}.metrics.json"
-        labels = {"role": "pruned", "pack": pack.directions, "name": name, "drop_ratio": drop,
-                  "ranker": variant.ranker, "allocation": variant.allocation}
+        labels = ({"role": "pruned", "pack": pack.directions, "name": name, "budget": drop.title} if _is_budget(drop) else
+                  {"role": "pruned", "pack": pack.directions, "name": name, "drop_ratio": drop,
+                   "ranker": variant.ranker, "allocation": variant.allocation})
         parent_metrics, parent_id = parents[(variant.format, q)]
         verify_key = {"export": key_of(export_inputs), "quant": q, "test": inputs["test"], "pairs": pack.pairs,
                       "settings": verify_settings, "labels": labels, "parent": str(parent_metrics)}

@@ -59,6 +59,26 @@ def plan_runner(stats_path: Path, plan_path: Path, pack: PackSpec, drop: float, 
     return run
 
 
+def budget_plan_inputs(config: BuildConfig, pack: PackSpec, budget) -> dict:
+    from packager.pack_budgets import plan_inputs
+
+    return plan_inputs(budget, config.search, pack.langs, pack.direction, _uniform_only(config))
+
+
+def _uniform_only(config: BuildConfig) -> bool:
+    return any(v.format == "gguf" for v in config.variants)   # stock llama.cpp loads one expert count
+
+
+def budget_plan_runner(config: BuildConfig, stats_path: Path, plan_path: Path, pack: PackSpec, budget, command):
+    """The plan step of a budget: packager.pack_budgets runs the plan search and writes the chosen plan."""
+    def run() -> None:
+        from packager.pack_budgets import search_plan
+
+        search_plan(stats_path, plan_path, config.parent, pack.langs, pack.direction, budget, config.search,
+                    _uniform_only(config), config.threads, command)
+    return run
+
+
 def prune_runner(parent: Path, plan_path: Path, pruned_dir: Path):
     def run() -> None:
         from packager.prune import prune_checkpoint
