@@ -7,8 +7,8 @@ llama.cpp), scored like every other cell (packager.experiment_cells):
   pack's directions), and both checkpoints are scored.
 - top-k: the parent and the first drop ratio's pruned checkpoint served at k=1
   (packager.topk, uniform) next to k=2, with decode speed measured in llama.cpp (F16 GGUF, one
-  thread, greedy, the first `reduce_speed_prompts` prompts of the sample; median of
-  `reduce_speed_repeats` passes).
+  thread, greedy, the first `reduce_speed_prompts` prompts of the sample; `reduce_speed_repeats`
+  passes per model, interleaved with the other k; `decode_speeds`).
 - per-layer top-k: k=1 in some MoE layers only, in transformers (the routers' k set in memory).
   Quality only: llama.cpp reads one `expert_used_count` per model and the ONNX exporter writes
   one k for every layer, so no runtime we export to serves it and there is no speed to measure.
@@ -54,35 +54,49 @@ def layer_top_k(model, ks: dict[int, int]):
             router.top_k = k
 
 
-def decode_speed(model_dir: Path, work: Path, sources: list[str], src: str, tgt: str, repeats: int) -> dict:
-    """llama.cpp decode tokens per second of `model_dir` (F16 GGUF, one thread), cached in `work`."""
+def decode_speeds(model_dirs: list[Path], work: Path, sources: list[str], src: str, tgt: str, repeats: int) -> list[dict]:
+    """llama.cpp speed of each model (F16 GGUF, one thread), passes interleaved A B A B ... so that a
+    shared machine's load hits every model alike; cached in `work`. Per model: the median decode
+    tok/s (wall clock) and generated tokens per CPU second of the process (prefill included),
+    which other processes on the machine barely change."""
     from converters.gguf.export import export_gguf
     from runtime.atomic import atomic_write_json
     from runtime.backends import open_backend
 
     cache = work / "speed.json"
-    identity = model_identity(model_dir)
+    identities = [model_identity(d) for d in model_dirs]
+    setup = {"identities": identities, "prompts": len(sources), "repeats": repeats}
     if cache.is_file():
         data = json.loads(cache.read_text(encoding="utf-8"))
-        if data.get("identity") == identity and data.get("prompts") == len(sources) and data.get("repeats") == repeats:
-            return data["speed"]
-    gguf = work / "model.f16.gguf"
+        if data.get("setup") == setup:
+            return data["speeds"]
     work.mkdir(parents=True, exist_ok=True)
-    export_gguf(model_dir, gguf, None, dtype="f16", force=True, hash_inputs=False)
-    rates, tokens = [], 0
-    with open_backend(gguf, n_threads=1) as backend:
-        backend.translate(sources[0], src, tgt, max_new_tokens=32)   # warm-up
+    backends, runs = [], [{"wall": [], "cpu": [], "tokens": 0} for _ in model_dirs]
+    try:
+        for i, model_dir in enumerate(model_dirs):
+            gguf = work / f"model-{i}.f16.gguf"
+            export_gguf(model_dir, gguf, None, dtype="f16", force=True, hash_inputs=False)
+            backends.append((open_backend(gguf, n_threads=1), gguf))
+            backends[-1][0].translate(sources[0], src, tgt, max_new_tokens=32)   # warm-up
         for _ in range(repeats):
-            backend.timings.reset()
-            for text in sources:
-                backend.translate(text, src, tgt, max_new_tokens=128)
-            rates.append(backend.timings.decode_tokens_per_second)
-            tokens = backend.timings.decode_tokens
-    speed = {"decode_tok_s": round(statistics.median(rates), 1), "decode_tok_s_runs": [round(r, 1) for r in rates],
-             "decode_tokens_per_run": tokens, "file_bytes": gguf.stat().st_size, "runtime": "llama.cpp F16, 1 thread"}
-    atomic_write_json(cache, {"identity": identity, "prompts": len(sources), "repeats": repeats, "speed": speed})
-    gguf.unlink()
-    return speed
+            for (backend, _), run in zip(backends, runs):
+                backend.timings.reset()
+                cpu = time.process_time()
+                for text in sources:
+                    backend.translate(text, src, tgt, max_new_tokens=128)
+                cpu = time.process_time() - cpu
+                run["wall"].append(backend.timings.decode_tokens_per_second)
+                run["cpu"].append(backend.timings.decode_tokens / cpu)
+                run["tokens"] = backend.timings.decode_tokens
+    finally:
+        for backend, gguf in backends:
+            backend.close()
+            gguf.unlink(missing_ok=True)
+    speeds = [{"decode_tok_s": round(statistics.median(r["wall"]), 1), "decode_tok_s_runs": [round(x, 1) for x in r["wall"]],
+               "tokens_per_cpu_s": round(statistics.median(r["cpu"]), 1), "decode_tokens_per_run": r["tokens"],
+               "runtime": "llama.cpp F16, 1 thread"} for r in runs]
+    atomic_write_json(cache, {"setup": setup, "speeds": speeds})
+    return speeds
 
 
 def _calibration_file(exp, slugs: list[str], limit: int) -> Path:
@@ -158,11 +172,13 @@ def top_k_rows(exp, slugs: list[str], n: int, first_drop_dir: Path | None) -> li
         if not (reduced / "reduction.json").is_file() or json.loads(
                 (reduced / "reduction.json").read_text(encoding="utf-8"))["input"]["fingerprint"] != _fingerprint(source):
             reduce_top_k(source, reduced, 1, force=True)
-        for k, path in ((exp.stats.top_k, Path(source)), (1, reduced)):
+        pair = [(exp.stats.top_k, Path(source)), (1, reduced)]
+        speeds = (decode_speeds([p for _, p in pair], exp.out_dir / "speed" / Path(source).name, sources, src, tgt,
+                                config.reduce_speed_repeats) if config.reduce_speed_prompts else [None, None])
+        for (k, path), speed in zip(pair, speeds):
             row = {"model": name, "top_k": k, **_score_dir(exp, path, slugs, f"{name} k={k}", n)}
-            if config.reduce_speed_prompts:
-                row["speed"] = decode_speed(path, exp.out_dir / "speed" / f"{path.name}-k{k}", sources, src, tgt,
-                                            config.reduce_speed_repeats)
+            if speed is not None:
+                row["speed"] = speed
             rows.append(row)
     return rows
 
@@ -223,6 +239,10 @@ def _cell(m: dict) -> str:
     return "–" if m.get("chrf++") is None else f"{m['chrf++']:.1f} / {100 * m['error_rate']:.0f}%"
 
 
+def _num(value) -> str:
+    return "–" if value is None else f"{value:.0f}"
+
+
 def reduce_section(reduce: dict) -> list[str]:
     """The page's section for the reduce stage."""
     split = reduce["split"]
@@ -234,11 +254,15 @@ def reduce_section(reduce: dict) -> list[str]:
         lines.append(f"| {100 * r['drop_ratio']:g}% | {'/'.join(map(str, r['counts']))} | {_cell(r['drop']['mean'])} | "
                      f"{_cell(r['merge']['mean'])} |")
     speed = reduce["speed_setup"]
-    lines += ["", f"Top-k reduction (uniform; decode speed: {speed['runtime']}, {speed['prompts']} prompts, median of "
-              f"{speed['repeats']} passes):", "", "| model | top-k | chrF++ / errors | decode tok/s |", "|---|---|---|---|"]
+    lines += ["", f"Top-k reduction (uniform; speed: {speed['runtime']}, {speed['prompts']} prompts, median of "
+              f"{speed['repeats']} passes per model, interleaved with the other k; tokens per CPU second: generated "
+              "tokens over the process's CPU time, prefill included, which other load on the machine barely "
+              "changes):", "", "| model | top-k | chrF++ / errors | decode tok/s (wall) | tokens per CPU s |",
+              "|---|---|---|---|---|"]
     for r in reduce["top_k"]:
-        tok_s = r.get("speed", {}).get("decode_tok_s")
-        lines.append(f"| {r['model']} | {r['top_k']} | {_cell(r['mean'])} | {'–' if tok_s is None else f'{tok_s:.0f}'} |")
+        sp = r.get("speed") or {}
+        lines.append(f"| {r['model']} | {r['top_k']} | {_cell(r['mean'])} | {_num(sp.get('decode_tok_s'))} | "
+                     f"{_num(sp.get('tokens_per_cpu_s'))} |")
     lines += ["", "Per-layer top-k (the parent in transformers; no runtime we export to serves a per-layer k: "
               "llama.cpp reads one expert_used_count per model, the ONNX exporter writes one k):", "",
               "| setting | k per MoE layer | chrF++ / errors |", "|---|---|---|"]
