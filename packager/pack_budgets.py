@@ -46,32 +46,26 @@ class BudgetSpec:
                        min_drop=self.drop, max_loss=self.max_loss, ram_overhead_bytes=int(self.ram_overhead_mb * mb),
                        ctx_tokens=self.ctx)
 
+    def _parts(self):
+        """(name part, title part) of each budget that is set."""
+        if self.max_file_mb is not None:
+            yield (f"{self.size_format.replace(':', '-').lower()}-{self.max_file_mb:g}mb",
+                   f"{self.size_format} <= {self.max_file_mb:g} MB")
+        if self.max_ram_mb is not None:
+            yield f"ram{self.max_ram_mb:g}mb", f"RAM <= {self.max_ram_mb:g} MB"
+        if self.drop is not None:
+            yield f"drop{round(self.drop * 100):02d}", f"drop >= {self.drop:.0%}"
+        if self.max_loss is not None:
+            yield f"loss{self.max_loss:g}", f"loss <= {self.max_loss:g} chrF++"
+
     @property
     def slug(self) -> str:
         """A directory and bundle name part, e.g. 'budget-gguf-q8_0-12mb-loss1'."""
-        parts = ["budget"]
-        if self.max_file_mb is not None:
-            parts.append(f"{self.size_format.replace(':', '-').lower()}-{self.max_file_mb:g}mb")
-        if self.max_ram_mb is not None:
-            parts.append(f"ram{self.max_ram_mb:g}mb")
-        if self.drop is not None:
-            parts.append(f"drop{round(self.drop * 100):02d}")
-        if self.max_loss is not None:
-            parts.append(f"loss{self.max_loss:g}")
-        return "-".join(parts)
+        return "-".join(["budget"] + [name for name, _ in self._parts()])
 
     @property
     def title(self) -> str:
-        parts = []
-        if self.max_file_mb is not None:
-            parts.append(f"{self.size_format} <= {self.max_file_mb:g} MB")
-        if self.max_ram_mb is not None:
-            parts.append(f"RAM <= {self.max_ram_mb:g} MB")
-        if self.drop is not None:
-            parts.append(f"drop >= {self.drop:.0%}")
-        if self.max_loss is not None:
-            parts.append(f"loss <= {self.max_loss:g} chrF++")
-        return "budget " + ", ".join(parts)
+        return "budget " + ", ".join(title for _, title in self._parts())
 
 
 def _number(value: Any, where: str, key: str, low: float = 0.0, high: float | None = None) -> float:

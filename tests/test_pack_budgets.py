@@ -3,17 +3,16 @@
 budget, and bad budget tables are one error line."""
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import pytest
-from rich.console import Console
 
 from packager.build import BuildError, build, load_build_config
 from packager.pack_budgets import BudgetSpec, parse_budget
 from packager.plan_budgets import SearchError
 from test_bundle import build_translator, write_test_data
+from test_end_to_end import quiet
 
 
 def packs_toml(budgets: str, search: str = 'dev = "dev.jsonl"\ndev_n = 6\ndrops = [0.5, 0.75]\nrefine_steps = 1') -> str:
@@ -44,10 +43,6 @@ quant = ["F32"]
 name = "en-de"
 directions = "en->de"
 '''
-
-
-def quiet() -> Console:
-    return Console(file=io.StringIO(), width=120)
 
 
 @pytest.fixture(scope="module")
