@@ -140,7 +140,7 @@ def merge_vs_drop(exp, langs, slugs: list[str], n: int) -> list[dict]:
         row = {"drop_ratio": drop, "counts": [len(plan.keep[i]) for i in sorted(plan.keep)]}
         for reduce in ("drop", "merge"):
             out = exp.out_dir / "models" / f"reduce-{reduce}-{tag}"
-            if not _made_from(out, plan):
+            if not _made_from(out, plan, calib if reduce == "merge" else None):
                 if reduce == "drop":
                     prune_checkpoint(exp.model_dir, plan, out, force=True)
                 else:
@@ -151,11 +151,17 @@ def merge_vs_drop(exp, langs, slugs: list[str], n: int) -> list[dict]:
     return rows
 
 
-def _made_from(out: Path, plan) -> bool:
+def _made_from(out: Path, plan, calib: Path | None) -> bool:
+    """`out` holds `plan` pruned (and, with `calib`, merged with partners chosen on all of calib's records)."""
     from packager.prune import read_provenance
 
     record = read_provenance(out) if out.is_dir() else None
-    return record is not None and record.get("plan", {}).get("sha256") == plan.sha256()
+    if record is None or record.get("plan", {}).get("sha256") != plan.sha256():
+        return False
+    if calib is None:
+        return record.get("reduce", "drop") == "drop"
+    records = sum(1 for line in calib.read_text(encoding="utf-8").splitlines() if line.strip())
+    return record.get("reduce") == "merge" and record.get("merge", {}).get("partner", "").endswith(f"({records} records)")
 
 
 def top_k_rows(exp, slugs: list[str], n: int, first_drop_dir: Path | None) -> list[dict]:
