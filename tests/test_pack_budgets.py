@@ -13,36 +13,15 @@ from packager.pack_budgets import BudgetSpec, parse_budget
 from packager.plan_budgets import SearchError
 from test_bundle import build_translator, write_test_data
 from test_end_to_end import quiet
+from packs_file import packs_toml as base_packs_toml
 
 
 def packs_toml(budgets: str, search: str = 'dev = "dev.jsonl"\ndev_n = 6\ndrops = [0.5, 0.75]\nrefine_steps = 1') -> str:
-    return f'''
-parent = "parent"
-budgets = {budgets}
-threads = 1
-
-[calibration]
-data = ["data.jsonl"]
-max_sentences = 4
-max_new_tokens = 6
-batch_size = 4
-
-[verify]
-test = "data.jsonl"
-max_new_tokens = 12
-bootstrap = 0
-
-[search]
-{search}
-
-[[variant]]
-format = "gguf"
-quant = ["F32"]
-
-[[pack]]
-name = "en-de"
-directions = "en->de"
-'''
+    """The build tests' packs file with budgets in place of the drop ratio, one GGUF F32 variant, pack en->de."""
+    text = base_packs_toml("parent", f'[search]\n{search}\n\n[[variant]]\nformat = "gguf"\nquant = ["F32"]\n',
+                           extra=f"budgets = {budgets}")
+    return text.replace("drop_ratios = [0.5]\n", "").replace('name = "en-de-fr"\ndirections = "en->de,fr"',
+                                                              'name = "en-de"\ndirections = "en->de"')
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +107,6 @@ def test_packs_file_budget_errors(work):
     # budgets replace the default drop ratio; drop_ratios next to them add plans
     path.write_text(packs_toml("[{drop = 0.5}]"))
     assert load_build_config(path).packs[0].drop_ratios == ()
-    path.write_text(packs_toml("[{drop = 0.5}]").replace("threads = 1", "threads = 1\ndrop_ratios = [0.25]"))
+    path.write_text(packs_toml("[{drop = 0.5}]").replace("threads = 1", "threads = 1\ndrop_ratios = [0.25]", 1))
     pack = load_build_config(path).packs[0]
     assert pack.drop_ratios == (0.25,) and pack.budgets == (BudgetSpec(drop=0.5),)
