@@ -185,8 +185,10 @@ def _pack_steps(config: BuildConfig, run_dir: Path, pack: PackSpec, drop, inputs
                 title = f" {variant.ranker}/{variant.allocation}"
             prune_inputs = {"plan": key_of(plan_inputs), "parent": inputs["parent"],
                             "code": _code("converters.gguf.prune_gguf" if config.gguf_parent else "packager.prune")}
+            # a budget's plan step runs the plan search (the parent in torch, config.threads threads)
             graph.steps.append(Step(f"{prefix}/plan", f"plan {pack.name} {_what(drop)}{title}", plan_inputs, [plan_path],
-                                    plan_run, needs=[calibration.id], resources={"num_cpus": config.threads or 1}))
+                                    plan_run, needs=[calibration.id],
+                                    **({"resources": {"num_cpus": config.threads or 1}} if _is_budget(drop) else {})))
             if config.gguf_parent:  # prune-gguf: the pruned GGUF in the parent's own type
                 pruned_path = base / "gguf" / "model.gguf"
                 prune_run = runners.prune_gguf_runner(config.parent, plan_path, pruned_path)
