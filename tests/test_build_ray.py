@@ -22,7 +22,8 @@ from packager.build import BuildError, build, load_build_config
 from packager.build.graph import make_graph
 from packager.build.steps import FAULT_ENV, FAULTS_DIR, LOCK_NAME, STEPS_DIR
 from packager.core.stats import RoutingStats
-from test_bundle import build_translator, write_test_data
+import packs_file
+from import_blocker import blocker
 
 PACKS = '''
 parent = "parent"
@@ -66,11 +67,7 @@ def quiet() -> Console:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("ray_build")
-    build_translator(work / "parent", num_hidden_layers=3)
-    write_test_data(work / "data.jsonl")
-    (work / "packs.toml").write_text(PACKS)
-    return work
+    return packs_file.build_dir(tmp_path_factory.mktemp("ray_build"), PACKS)
 
 
 @pytest.fixture(scope="module")
@@ -213,13 +210,10 @@ def test_calibration_shards_follow_the_packs_file(work, tmp_path):
 
 
 def test_without_ray_installed_the_ray_build_says_what_to_install(work):
-    blocker = work / "no_ray"
-    blocker.mkdir(exist_ok=True)
-    (blocker / "sitecustomize.py").write_text(
-        "import sys\n\nclass _Blocked:\n    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] == 'ray':\n            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
-        "\nsys.meta_path.insert(0, _Blocked())\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(Path(__file__).parents[1])])}
+    no_ray = work / "no_ray"
+    no_ray.mkdir(exist_ok=True)
+    (no_ray / "sitecustomize.py").write_text(blocker("ray"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(no_ray), str(Path(__file__).parents[1])])}
     result = subprocess.run([sys.executable, "-m", "packager.cli", "build", "packs.toml", "--out", "no-ray", "--ray"],
                             cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [

@@ -18,7 +18,7 @@ from packager.build import BuildError, build, load_build_config
 from packager.core.fingerprint import model_fingerprint
 from runtime.bundle import load_bundle
 import packs_file
-from test_bundle import build_translator, run_cli, write_test_data
+from test_bundle import run_cli
 
 VENV_BIN = Path(sys.executable).parent
 HAS_ONNX_EXPORT = importlib.util.find_spec("converters.onnx.export") is not None
@@ -44,11 +44,7 @@ def quiet() -> Console:
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("e2e")
-    build_translator(work / "parent", num_hidden_layers=3)
-    write_test_data(work / "data.jsonl")
-    (work / "packs.toml").write_text(packs_toml())
-    return work
+    return packs_file.build_dir(tmp_path_factory.mktemp("e2e"), packs_toml())
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,9 @@ import pytest
 from packager.build import BuildError, build, load_build_config
 from packager.pack_budgets import BudgetSpec, parse_budget
 from packager.plan_budgets import SearchError
-from test_bundle import build_translator, write_test_data
+
 from test_end_to_end import quiet
+import packs_file
 from packs_file import packs_toml as base_packs_toml
 
 
@@ -26,9 +27,7 @@ def packs_toml(budgets: str, search: str = 'dev = "dev.jsonl"\ndev_n = 6\ndrops 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("budgets")
-    build_translator(work / "parent", num_hidden_layers=3)
-    write_test_data(work / "data.jsonl")
+    work = packs_file.build_dir(tmp_path_factory.mktemp("budgets"))
     dev = [json.loads(line) for line in (work / "data.jsonl").read_text().splitlines()]
     (work / "dev.jsonl").write_text("".join(json.dumps({**r, "split": "dev"}) + "\n" for r in dev))
     return work
