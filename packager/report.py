@@ -379,7 +379,8 @@ def plot_rss_vs_size(rows: Sequence[dict]) -> str:
     ax.set_ylabel("peak memory of the runtime process (MB)")
     ax.set_title("Peak RSS vs file size (star = parent; includes the Python runtime)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: never over a point
+    if ax.get_legend_handles_labels()[0]:  # a run without footprints has nothing to label
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: never over a point
     return _figure_png(fig)
 
 

@@ -140,7 +140,9 @@ def _header(results: dict) -> list[str]:
         "## Setup",
         "",
         f"- Model: `{model['dir']}` ({model['family']}, {len(model['moe_layers'])} MoE layers x {model['n_experts']} experts, "
-        f"top-{model['top_k']}, {model['parameters'] / 1e6:.2f}M parameters), fingerprint `{model['fingerprint'][:16]}`.",
+        f"top-{model['top_k']}, {model['parameters'] / 1e6:.2f}M parameters), fingerprint `{model['fingerprint'][:16]}`, "
+        + ", ".join(f"{name} sha256 `{sha[:16]}`" for name, sha in model["weights_sha256"].items()) + ".",
+        "- Data: " + ", ".join(f"`{d['path']}` sha256 `{d['sha256'][:16]}`" for d in results["data"].values()) + ".",
         f"- Calibration: {results['setup']['calibration']['mode']} on the dev split, "
         f"{config['calib_sentences']} sentences per direction ({', '.join(results['setup']['calibration']['pairs'])}), REAP included.",
         f"- Evaluation: {config['sample']} test sentences per direction, "
