@@ -113,11 +113,12 @@ class RoutingRecorder:
         self.sequences.index_add_(0, keys[present], torch.ones_like(counts[present]))
         return batch
 
-    def _routing(self, output):
+    def _routing(self, output, pos: int):
         if isinstance(output, tuple) and len(output) == 3:
             _, weights, idx = output
             return idx, weights
-        idx, weights = self.arch.route(output, self.config)  # a router that returns bare logits
+        # a router that returns bare logits: route at the layer's own top-k
+        idx, weights = self.arch.route(output, self.config, layer_idx=self.layers[pos])
         return idx.reshape(-1, idx.shape[-1]), weights.reshape(-1, weights.shape[-1])
 
     def _router_hook(self, pos: int):
@@ -127,7 +128,7 @@ class RoutingRecorder:
             if self.batch is None:
                 return
             started = time.perf_counter()
-            idx, weights = self._routing(output)
+            idx, weights = self._routing(output, pos)
             batch = self.batch
             idx, weights = idx.cpu(), weights.float().cpu()  # statistics live on the CPU whatever the device
             normalised = weights / weights.sum(dim=-1, keepdim=True)

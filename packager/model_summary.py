@@ -64,6 +64,7 @@ def summarize_checkpoint(model_dir: str | os.PathLike) -> dict:
             "uniform": arch.is_uniform(config),
             "per_layer_counts_key": PER_LAYER_COUNTS_KEY in config,
             "top_k": arch.top_k(config),
+            "top_k_per_layer": arch.layer_top_ks(config),  # MoE layers in order (packager.topk)
             "routing": arch.routing_kind,
             "renormalised": bool(arch.routing_param(config, "renorm")),
             "router_bias": bool(moe_layers and arch.router_bias_name(moe_layers[0]) in names),

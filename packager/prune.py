@@ -302,7 +302,7 @@ def _pruned_fingerprint(reader: CheckpointReader, arch: MoEArch, new_config: dic
             raw = reader.read_bytes(info.name, rows=keep[layer_idx])
             yield bytes_to_float32(raw, info.dtype, (len(keep[layer_idx]),) + info.shape[1:])
 
-    return fingerprint_from_parts(arch.family, layers, [len(keep[i]) for i in layers], arch.top_k(new_config), routers())
+    return fingerprint_from_parts(arch.family, layers, [len(keep[i]) for i in layers], arch.fingerprint_top_k(new_config), routers())
 
 
 def _progress_bar(enabled: bool, total_bytes: int):

@@ -31,7 +31,7 @@ from converters.gguf.families import (
 )
 from converters.gguf.vocab import GGUFVocab, read_vocab
 from packager import __version__
-from packager.core.arch import PER_LAYER_COUNTS_KEY, MoEArch, load_arch
+from packager.core.arch import PER_LAYER_COUNTS_KEY, PER_LAYER_TOP_K_KEY, MoEArch, load_arch
 from packager.core.checkpoint import CheckpointReader
 from packager.core.errors import CheckpointError, OutputExistsError
 from packager.core.fingerprint import bytes_to_float32, file_sha256, model_fingerprint
@@ -144,6 +144,13 @@ def _check_supported(model_dir: Path, config: dict, arch: MoEArch, fam: GGUFFami
             f"{where}: this pruned model keeps different expert counts per layer {counts}, but stock llama.cpp "
             f"reads one expert count per model and would not load it; make a uniform plan "
             f"(`packager plan create ... --uniform`) and prune again, or export to ONNX (`packager export onnx`)"
+        )
+    ks = arch.layer_top_ks(config)
+    if len(set(ks)) > 1:
+        raise GGUFExportError(
+            f"{where}: {PER_LAYER_TOP_K_KEY} gives the MoE layers different top-k ({','.join(map(str, ks))}), but "
+            f"llama.cpp reads one {fam.key('expert_used_count')} per model; export to ONNX (`packager export onnx`), "
+            f"which takes a k per layer, or reduce with one k for every layer (`packager prune --top-k K`)"
         )
     for key, wanted in fam.requires.items():
         value = config.get(key, wanted)

@@ -46,7 +46,8 @@ class GraphShape:
     hidden_size: int
     vocab_size: int
     n_experts: dict[int, int]
-    top_k: int
+    top_k: int                                  # the largest k (every layer's when uniform)
+    top_k_per_layer: dict[int, int] = field(default_factory=dict)  # MoE layer -> its k
 
 
 @dataclass
@@ -146,8 +147,9 @@ class DecoderBuilder:
             self.qk_head_dim = text.qk_nope_head_dim + text.qk_rope_head_dim
             self.n_kv_heads, self.head_dim = self.n_heads, max(self.qk_head_dim, text.v_head_dim)
         self.hidden = text.hidden_size
-        self.top_k = self.arch.top_k(self.config)
-        self.moe_layers = set(self.arch.moe_layers(self.config))
+        self.top_k = self.arch.top_k(self.config)  # the largest; each MoE layer's own k is in layer_k
+        self.layer_k = dict(zip(self.arch.moe_layers(self.config), self.arch.layer_top_ks(self.config)))
+        self.moe_layers = set(self.layer_k)
         self.layer_types = list(getattr(text, "layer_types", None) or [])
         self.n_experts: dict[int, int] = {}
         self.routing_notes: dict[str, str] = {}
@@ -412,8 +414,8 @@ class DecoderBuilder:
         g = self.g
         prefix = f"layers.{layer_idx}.mlp"
         n = self.n_experts[layer_idx] = self.w.n_experts(layer_idx)
-        if n < self.top_k:
-            raise OnnxExportError(f"layer {layer_idx} keeps {n} experts, fewer than top-k {self.top_k}")
+        if n < self.layer_k[layer_idx]:
+            raise OnnxExportError(f"layer {layer_idx} keeps {n} experts, fewer than its top-k {self.layer_k[layer_idx]}")
         kind = self.arch.routing_kind
         if kind not in ("softmax_topk", "topk_softmax", "sigmoid_group"):
             raise OnnxExportError(f"routing {kind!r} ({self.arch.family}) is not supported by the ONNX exporter yet")
@@ -458,9 +460,10 @@ class DecoderBuilder:
         if n % n_group:
             raise OnnxExportError(f"layer {layer_idx}: {n} experts do not split into {n_group} equal routing groups")
         size = n // n_group
-        if size < group_top or topk_group * size < self.top_k:
+        top_k = self.layer_k[layer_idx]
+        if size < group_top or topk_group * size < top_k:
             raise OnnxExportError(f"layer {layer_idx}: {size} experts per routing group cannot serve group-limited "
-                                  f"top-{self.top_k} (topk_group {topk_group}, group score from the top {group_top})")
+                                  f"top-{top_k} (topk_group {topk_group}, group score from the top {group_top})")
         scores = g.op("Sigmoid", [logits])
         bias_name = f"{self.arch.router_module(layer_idx)}.e_score_correction_bias"
         choice = scores
@@ -475,7 +478,7 @@ class DecoderBuilder:
         expert_mask = g.op("Reshape", [g.op("Expand", [g.op("Unsqueeze", [group_mask, g.const([-1], np.int64)]),
                                                         g.const([1, 1, size], np.int64)]), g.const([-1, n], np.int64)])
         choice = g.op("Where", [g.op("Greater", [expert_mask, g.const(0.0)]), choice, g.const(float("-inf"))])
-        _, idx = g.op("TopK", [choice, g.const([self.top_k], np.int64)], 2, axis=-1)
+        _, idx = g.op("TopK", [choice, g.const([top_k], np.int64)], 2, axis=-1)
         weights = g.op("GatherElements", [scores, idx], axis=1)
         if self.arch.routing_param(self.config, "renorm"):
             total = g.op("Add", [g.op("ReduceSum", [weights, g.const([-1], np.int64)], keepdims=1), g.const(1e-20)])
@@ -488,7 +491,7 @@ class DecoderBuilder:
         g = self.g
         n = self.n_experts[layer_idx]
         (rows1, cols1), (rows2, cols2) = self._expert_fc1(layer_idx, 0).shape, self._expert_fc2(layer_idx, 0).shape
-        attrs = dict(k=self.top_k, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=int(normalize),
+        attrs = dict(k=self.layer_k[layer_idx], activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=int(normalize),
                      activation_alpha=1.0, activation_beta=0.0)
         if self.pieces.activation == "gpt_oss":
             attrs.update(activation_alpha=float(getattr(self.text_config, "swiglu_alpha", 1.702)), activation_beta=1.0,
@@ -536,7 +539,7 @@ class DecoderBuilder:
         ScatterND add) or every token ("dense")."""
         g = self.g
         n = self.n_experts[layer_idx]
-        k = g.const([self.top_k], np.int64)
+        k = g.const([self.layer_k[layer_idx]], np.int64)
         if dense is not None:  # precomputed (sigmoid_group)
             pass
         elif kind == "topk_softmax":
@@ -665,4 +668,5 @@ class DecoderBuilder:
         for value, name in zip(presents, present_names(n_layers)):
             g.output(value, name, TensorProto.FLOAT, ["batch", self.n_kv_heads, "total_sequence", self.head_dim])
         return GraphShape(n_layers=n_layers, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
-                          hidden_size=self.hidden, vocab_size=vocab, n_experts=dict(self.n_experts), top_k=self.top_k)
+                          hidden_size=self.hidden, vocab_size=vocab, n_experts=dict(self.n_experts), top_k=self.top_k,
+                          top_k_per_layer=dict(self.layer_k))

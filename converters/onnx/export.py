@@ -377,6 +377,9 @@ def _graph_facts(config: dict, arch, shape, formulation: str, contrib: list, exp
         "contrib_ops": contrib,
         "portability": CONTRIB_OPS_NOTE if contrib else "standard ONNX operators only",
         "export_check": export_check,
+        # top_k (above) is the largest; a per-layer k (packager.topk) is each layer's TopK / MoE node
+        **({"top_k_per_layer": {str(i): k for i, k in sorted(shape.top_k_per_layer.items())}}
+           if len(set(shape.top_k_per_layer.values())) > 1 else {}),
     }
 
 

@@ -34,7 +34,9 @@ def inspect_command(model: str, as_json: bool) -> None:
                else "per layer " + ", ".join(f"{k}:{v}" for k, v in summary["experts_per_layer"].items()))
     console.print(f"[bold]{summary['model_dir']}[/bold]  family [bold]{summary['family']}[/bold]")
     console.print(f"layers {summary['n_layers']} (MoE {len(summary['moe_layers'])}, dense {summary['dense_layers'] or 'none'})")
-    console.print(f"routed experts {experts}; top-k {summary['top_k']}; routing {summary['routing']}"
+    ks = summary["top_k_per_layer"]
+    top_k = summary["top_k"] if len(set(ks)) <= 1 else f"per MoE layer {','.join(map(str, ks))}"
+    console.print(f"routed experts {experts}; top-k {top_k}; routing {summary['routing']}"
                   f"{' renormalised' if summary['renormalised'] else ''}"
                   f"{'; router bias' if summary['router_bias'] else ''}"
                   f"{'; score-correction bias' if summary['score_correction_bias'] else ''}")

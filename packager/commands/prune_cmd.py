@@ -1,4 +1,5 @@
-"""`packager prune MODEL --plan PLAN.json --out DIR`."""
+"""`packager prune MODEL --plan PLAN.json --out DIR [--top-k K | K1,K2,...]`; `--top-k` alone (no plan)
+writes a top-k reduction of MODEL itself."""
 from __future__ import annotations
 
 import click
@@ -29,8 +30,8 @@ class ByteSize(click.ParamType):
 
 @click.command("prune")
 @click.argument("model", type=click.Path(file_okay=False, path_type=str))
-@click.option("--plan", "plan_path", required=True, type=click.Path(dir_okay=False, path_type=str),
-              help="plan JSON: kept expert ids per MoE layer")
+@click.option("--plan", "plan_path", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="plan JSON: kept expert ids per MoE layer (may be left out with --top-k: reduce k only)")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=str), help="output checkpoint directory")
 @click.option("--force", is_flag=True, help="replace the output directory if it exists")
 @click.option("--max-shard-size", "max_shard_bytes", type=ByteSize(), default="2GiB", show_default=True,
@@ -46,36 +47,22 @@ class ByteSize(click.ParamType):
               help="--reduce merge: JSONL records whose tokens pick each dropped expert's partner; repeatable")
 @click.option("--merge-map", "merge_map_path", default=None, type=click.Path(dir_okay=False, path_type=str),
               help="--reduce merge: JSON {layer: [[dropped, kept], ...]} instead of choosing partners")
-@click.option("--top-k", "top_k", type=int, default=None,
-              help="also serve the output with this many experts per token (fewer than the model's top-k; packager.topk)")
-def prune_command(model: str, plan_path: str, out_dir: str, force: bool, max_shard_bytes: int,
+@click.option("--top-k", "top_k_text", default=None, metavar="K|K1,K2,...",
+              help="also serve the output with fewer experts per token: one k for every MoE layer, or one per "
+                   "MoE layer in order (per-layer k: ONNX only; packager.topk)")
+def prune_command(model: str, plan_path: str | None, out_dir: str, force: bool, max_shard_bytes: int,
                   hash_inputs: bool | None, dry_run: bool, reduce: str, stats_path: str | None, calib: tuple[str, ...],
-                  merge_map_path: str | None, top_k: int | None) -> None:
-    """Write a copy of MODEL that keeps only the experts listed in the plan."""
+                  merge_map_path: str | None, top_k_text: str | None) -> None:
+    """Write a copy of MODEL that keeps only the experts listed in the plan (and/or serves it at a lower top-k)."""
     from packager.core.plan_file import Plan
     from packager.prune import describe_prune, prune_checkpoint
 
-    if top_k is not None and not dry_run:
-        import shutil
-        from pathlib import Path
-
-        from packager.core.errors import OutputExistsError
-        from packager.topk import reduce_top_k
-
-        final = Path(out_dir)
-        if final.exists() and not force:
-            raise OutputExistsError(f"{final}: output path exists; choose another path or pass --force")
-        staged = final.with_name(f".{final.name}.before-top-k")
-        ctx = click.get_current_context()
-        try:
-            ctx.invoke(prune_command, model=model, plan_path=plan_path, out_dir=str(staged), force=True,
-                       max_shard_bytes=max_shard_bytes, hash_inputs=hash_inputs, dry_run=False, reduce=reduce,
-                       stats_path=stats_path, calib=calib, merge_map_path=merge_map_path, top_k=None)
-            reduce_top_k(staged, final, top_k, force=force)
-        finally:
-            shutil.rmtree(staged, ignore_errors=True)
-        click.echo(f"{final}: served with top-k {top_k} (reduction.json)")
+    if top_k_text is not None:
+        _top_k_command(model, plan_path, out_dir, force, dry_run, reduce, stats_path, calib, merge_map_path, top_k_text,
+                       max_shard_bytes, hash_inputs)
         return
+    if plan_path is None:
+        raise click.UsageError("give --plan PLAN.json (which experts to keep), or --top-k alone to lower top-k only")
 
     if reduce == "merge" and not dry_run:
         import json
@@ -109,3 +96,42 @@ def prune_command(model: str, plan_path: str, out_dir: str, force: bool, max_sha
     out = prune_checkpoint(model, Plan.load(plan_path), out_dir, force=force, max_shard_bytes=max_shard_bytes,
                            hash_inputs=hash_inputs, progress=True)
     click.echo(f"pruned checkpoint written to {out}")
+
+
+def _top_k_command(model, plan_path, out_dir, force, dry_run, reduce, stats_path, calib, merge_map_path, top_k_text,
+                   max_shard_bytes, hash_inputs) -> None:
+    """--top-k: check the k against MODEL first, then prune (with a plan) into a staging directory and reduce."""
+    import shutil
+    from pathlib import Path
+
+    from packager.core.errors import OutputExistsError
+    from packager.topk import check_top_k, parse_top_k, reduce_top_k
+
+    top_k = parse_top_k(top_k_text)
+    ks = check_top_k(model, top_k)  # before any pruning: a bad k leaves nothing behind
+    if plan_path is None and (reduce != "drop" or stats_path or calib or merge_map_path):
+        raise click.UsageError("--reduce merge, --stats, --calib and --merge-map need --plan")
+    final = Path(out_dir)
+    if dry_run:
+        if plan_path is not None:
+            ctx = click.get_current_context()
+            ctx.invoke(prune_command, model=model, plan_path=plan_path, out_dir=out_dir, force=force, dry_run=True,
+                       max_shard_bytes=max_shard_bytes, hash_inputs=hash_inputs, reduce=reduce, stats_path=stats_path,
+                       calib=calib, merge_map_path=merge_map_path, top_k_text=None)
+        click.echo(f"top-k per MoE layer: {','.join(map(str, ks))}")
+        return
+    if final.exists() and not force:
+        raise OutputExistsError(f"{final}: output path exists; choose another path or pass --force")
+    if plan_path is None:
+        reduce_top_k(model, final, top_k, force=force)
+    else:
+        staged = final.with_name(f".{final.name}.before-top-k")
+        ctx = click.get_current_context()
+        try:
+            ctx.invoke(prune_command, model=model, plan_path=plan_path, out_dir=str(staged), force=True,
+                       max_shard_bytes=max_shard_bytes, hash_inputs=hash_inputs, dry_run=False, reduce=reduce,
+                       stats_path=stats_path, calib=calib, merge_map_path=merge_map_path, top_k_text=None)
+            reduce_top_k(staged, final, top_k, force=force)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+    click.echo(f"{final}: served with top-k {','.join(map(str, ks))} per MoE layer (reduction.json)")

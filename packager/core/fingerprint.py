@@ -5,7 +5,8 @@ routing depends on, not file bytes, so the same model as safetensors, GGUF or qu
 (routers stay F32 there) gets the same fingerprint. Canonical form, version 1:
 
     sha256( b"edge-packager-fingerprint-v1\\n"
-            + json({"family", "moe_layers", "n_experts" (one count per MoE layer), "top_k"},
+            + json({"family", "moe_layers", "n_experts" (one count per MoE layer), "top_k"
+                    (a number; one per MoE layer only when a per-layer top-k differs between layers)},
                    keys sorted, separators (",", ":"))
             + b"\\n"
             + for each MoE layer in ascending order: router weight [n_experts, hidden]
@@ -66,12 +67,15 @@ def tensor_to_bytes(tensor) -> tuple[str, tuple[int, ...], bytes]:
     return dtype, tuple(tensor.shape), raw
 
 
-def fingerprint_from_parts(family: str, moe_layers: list[int], n_experts: list[int], top_k: int,
+def fingerprint_from_parts(family: str, moe_layers: list[int], n_experts: list[int], top_k: int | list[int],
                            router_weights: Iterable[np.ndarray]) -> str:
     """The fingerprint from its parts (router weights in `moe_layers` order, any float dtype)."""
     if len(n_experts) != len(moe_layers):
         raise ValueError("n_experts needs one count per MoE layer")
-    head = {"family": family, "moe_layers": list(moe_layers), "n_experts": list(n_experts), "top_k": int(top_k)}
+    if isinstance(top_k, list) and len(top_k) != len(moe_layers):
+        raise ValueError("a per-layer top_k needs one k per MoE layer")
+    top_k = [int(k) for k in top_k] if isinstance(top_k, list) else int(top_k)
+    head = {"family": family, "moe_layers": list(moe_layers), "n_experts": list(n_experts), "top_k": top_k}
     digest = hashlib.sha256(FINGERPRINT_PREFIX)
     digest.update(json.dumps(head, sort_keys=True, separators=(",", ":")).encode("utf-8"))
     digest.update(b"\n")
@@ -104,7 +108,7 @@ def model_fingerprint(model_dir) -> str:
                 yield bytes_to_float32(reader.read_bytes(info.name), info.dtype, info.shape)
 
         try:
-            return fingerprint_from_parts(arch.family, layers, counts, arch.top_k(reader.config), routers())
+            return fingerprint_from_parts(arch.family, layers, counts, arch.fingerprint_top_k(reader.config), routers())
         except ValueError as exc:
             raise CheckpointError(f"{reader.model_dir}: router weights do not match config.json ({exc})") from None
     finally:

@@ -118,7 +118,7 @@ def _group_problem(arch, config, layer_idx: int, ids: list[int], n_experts: int)
     per_group = [0] * n_group
     for expert_idx in ids:
         per_group[expert_idx // group_size] += 1
-    top_k = arch.top_k(config)
+    top_k = arch.top_k(config, layer_idx)
     if len(set(per_group)) != 1:
         return (f"layer {layer_idx} keeps {per_group} experts in its {n_group} routing groups; group-limited routing "
                 "needs the same number kept in every group (experts are grouped in blocks of "
@@ -153,9 +153,9 @@ def validate_plan(plan: Plan, arch, config, fingerprint: str | None) -> None:
     missing = [layer_idx for layer_idx in moe_layers if layer_idx not in plan.keep]
     if missing:
         raise PlanError(f"{where}: no kept experts listed for MoE layer(s) {missing}; every MoE layer needs an entry")
-    top_k = arch.top_k(config)
     for layer_idx in moe_layers:
         ids = plan.keep[layer_idx]
+        top_k = arch.top_k(config, layer_idx)
         n_experts = arch.n_experts(config, layer_idx)
         for expert_idx in ids:
             if not isinstance(expert_idx, int) or isinstance(expert_idx, bool):

@@ -4,15 +4,19 @@ Stock transformers configs hold one expert count, so a non-uniform pruned config
 maximum there plus `expert_counts_per_layer`; plain `from_pretrained` then fails on the size
 mismatch (it never random-initialises missing experts). `load_pruned` builds each MoE block
 with its own count and lets transformers load the weights (with all its on-disk conversions:
-per-expert keys, MXFP4 dequantisation, renames), and fails if any weight is missing."""
+per-expert keys, MXFP4 dequantisation, renames), and fails if any weight is missing.
+
+A per-layer top-k (`top_k_per_layer`, packager.topk) is not read by stock transformers either:
+`load_pruned` sets each layer's router to its own k after loading (`set_layer_top_k`)."""
 from __future__ import annotations
 
 import copy
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
-from packager.core.arch import PER_LAYER_COUNTS_KEY, load_arch
+from packager.core.arch import PER_LAYER_COUNTS_KEY, PER_LAYER_TOP_K_KEY, load_arch
 from packager.core.errors import CheckpointError
 from packager.core.quant_formats import DEQUANTIZED_HERE
 
@@ -36,6 +40,44 @@ def _resized_model_class(base_cls, arch, counts: list[int]):
             setattr(self.get_submodule(parent_name), attr, type(block)(layer_config))
 
     return type(base_cls.__name__, (base_cls,), {"__init__": __init__, "__module__": base_cls.__module__})
+
+
+def set_layer_top_k(model, ks: dict[int, int]) -> dict[int, int]:
+    """Route MoE layer i of a transformers model through ks[i] experts per token; returns the
+    previous k of those layers. Every supported family's router module holds its k as `top_k`
+    (Mixtral's block keeps an unused copy, set alike so the two never disagree)."""
+    arch = load_arch(model.config)
+    moe_layers = set(arch.moe_layers(model.config))
+    previous = {}
+    for layer_idx, k in ks.items():
+        if layer_idx not in moe_layers:
+            raise CheckpointError(f"layer {layer_idx} is not an MoE layer of this model ({sorted(moe_layers)})")
+        router = model.get_submodule(arch.router_module(layer_idx))
+        if not hasattr(router, "top_k"):
+            raise CheckpointError(f"layer {layer_idx}: router {type(router).__name__} has no top_k to set")
+        previous[layer_idx] = router.top_k
+        for module in (router, model.get_submodule(arch.moe_block_module(layer_idx))):
+            if hasattr(module, "top_k"):
+                module.top_k = int(k)
+    return previous
+
+
+@contextmanager
+def layer_top_k(model, ks: dict[int, int]):
+    """`set_layer_top_k` while the block runs, restored afterwards (in-memory experiments)."""
+    previous = set_layer_top_k(model, ks)
+    try:
+        yield model
+    finally:
+        set_layer_top_k(model, previous)
+
+
+def apply_config_top_k(model):
+    """Set each router's k from the config's per-layer top-k, when it has one; returns the model."""
+    if getattr(model.config, PER_LAYER_TOP_K_KEY, None) is not None:
+        arch = load_arch(model.config)
+        set_layer_top_k(model, dict(zip(arch.moe_layers(model.config), arch.layer_top_ks(model.config))))
+    return model
 
 
 def load_pruned(path: str | os.PathLike, **kwargs):
@@ -64,7 +106,7 @@ def load_pruned(path: str | os.PathLike, **kwargs):
         return _load_dequantized(path, **kwargs)
     counts = getattr(config, PER_LAYER_COUNTS_KEY, None)
     if counts is None:
-        return AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+        return apply_config_top_k(AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs))
     arch = load_arch(config)
     if len(counts) != arch.n_layers(config):
         raise CheckpointError(f"{path / 'config.json'}: {PER_LAYER_COUNTS_KEY} needs one entry per decoder layer")
@@ -74,7 +116,7 @@ def load_pruned(path: str | os.PathLike, **kwargs):
     if problems:
         raise CheckpointError(f"{path}: pruned checkpoint does not match its per-layer expert counts: {problems}")
     logger.info("loaded %s with per-layer expert counts %s", path, counts)
-    return model
+    return apply_config_top_k(model)
 
 
 def _load_dequantized(path: Path, **kwargs):

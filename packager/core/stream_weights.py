@@ -70,7 +70,9 @@ def build_skeleton(model_dir: Path, dtype: str):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype), trust_remote_code=False)
     model.eval()
     model.requires_grad_(False)
-    return model
+    from packager.core.pruned_model import apply_config_top_k
+
+    return apply_config_top_k(model)
 
 
 def decoder_layers(model):

@@ -70,7 +70,7 @@ def _check_shapes(arch, parent, pruned, pruned_dir: Path, parent_dir: Path) -> N
     """Same layer structure, sizes and tokenizer files; an unpruned parent."""
     facts = {
         "moe layers": (arch.moe_layers(parent.config), arch.moe_layers(pruned.config)),
-        "top-k": (arch.top_k(parent.config), arch.top_k(pruned.config)),
+        "top-k": (arch.fingerprint_top_k(parent.config), arch.fingerprint_top_k(pruned.config)),
         "hidden_size": (parent.config.get("hidden_size"), pruned.config.get("hidden_size")),
         "vocab_size": (parent.config.get("vocab_size"), pruned.config.get("vocab_size")),
         "layers": (arch.n_layers(parent.config), arch.n_layers(pruned.config)),

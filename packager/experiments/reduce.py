@@ -21,10 +21,9 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
-from packager.experiments.config import ExperimentError
+from packager.core.pruned_model import layer_top_k  # noqa: F401 - the in-memory per-layer k (also used by tests)
 
 
 def model_identity(path: Path) -> str:
@@ -34,24 +33,6 @@ def model_identity(path: Path) -> str:
 
     files = sorted(p for p in Path(path).iterdir() if p.suffix == ".safetensors" or p.name == "config.json")
     return digest({"fingerprint": model_fingerprint(path), "files": {p.name: file_sha256(p) for p in files}})
-
-
-@contextmanager
-def layer_top_k(model, ks: dict[int, int]):
-    """Route MoE layer i through ks[i] experts per token while the block runs (transformers modules)."""
-    routers = []
-    for layer_idx, k in ks.items():
-        block = model.model.layers[layer_idx].mlp
-        router = next((m for m in (getattr(block, "gate", None), block) if m is not None and hasattr(m, "top_k")), None)
-        if router is None:
-            raise ExperimentError(f"layer {layer_idx}: no router with a top_k attribute; per-layer top-k needs one")
-        routers.append((router, router.top_k))
-        router.top_k = k
-    try:
-        yield model
-    finally:
-        for router, k in routers:
-            router.top_k = k
 
 
 def decode_speeds(model_dirs: list[Path], work: Path, sources: list[str], src: str, tgt: str, repeats: int) -> list[dict]:

@@ -21,8 +21,7 @@ def _masked(values: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
     return values.masked_fill(~allowed, float("-inf"))
 
 
-def _softmax_topk(arch: MoEArch, logits: torch.Tensor, config: Any, allowed) -> tuple[torch.Tensor, torch.Tensor]:
-    top_k = arch.top_k(config)
+def _softmax_topk(arch: MoEArch, logits: torch.Tensor, config: Any, allowed, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     probs = torch.softmax(_masked(logits, allowed).float(), dim=-1)
     weights, idx = torch.topk(probs, top_k, dim=-1)
     if arch.routing_param(config, "renorm"):
@@ -30,14 +29,12 @@ def _softmax_topk(arch: MoEArch, logits: torch.Tensor, config: Any, allowed) -> 
     return idx, weights.to(logits.dtype)
 
 
-def _topk_softmax(arch: MoEArch, logits: torch.Tensor, config: Any, allowed) -> tuple[torch.Tensor, torch.Tensor]:
-    top_k = arch.top_k(config)
+def _topk_softmax(arch: MoEArch, logits: torch.Tensor, config: Any, allowed, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     values, idx = torch.topk(_masked(logits, allowed), top_k, dim=-1)
     return idx, torch.softmax(values, dim=-1, dtype=values.dtype)
 
 
-def _sigmoid_group(arch: MoEArch, logits: torch.Tensor, config: Any, bias, allowed) -> tuple[torch.Tensor, torch.Tensor]:
-    top_k = arch.top_k(config)
+def _sigmoid_group(arch: MoEArch, logits: torch.Tensor, config: Any, bias, allowed, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     n_group = int(arch.routing_param(config, "n_group") or 1)
     topk_group = int(arch.routing_param(config, "topk_group") or n_group)
     group_score_top = int(arch.routing["group_score_top"])
@@ -63,16 +60,18 @@ def _sigmoid_group(arch: MoEArch, logits: torch.Tensor, config: Any, bias, allow
     return idx.reshape(shape), weights.reshape(shape)
 
 
-def route(arch: MoEArch, router_logits: torch.Tensor, config: Any, bias=None, allowed=None):
+def route(arch: MoEArch, router_logits: torch.Tensor, config: Any, bias=None, allowed=None, layer_idx: int | None = None):
     """(topk_idx, topk_weight) for router logits [..., n_experts] (router bias already added).
 
     `bias` is the score-correction bias of sigmoid_group routers; `allowed` is a bool tensor
-    [n_experts]: experts where it is False are never chosen."""
+    [n_experts]: experts where it is False are never chosen. `layer_idx` picks the layer's own
+    top-k when the config has a per-layer k (the maximum otherwise)."""
     kind = arch.routing_kind
+    top_k = arch.top_k(config, layer_idx)
     if kind == "softmax_topk":
-        return _softmax_topk(arch, router_logits, config, allowed)
+        return _softmax_topk(arch, router_logits, config, allowed, top_k)
     if kind == "topk_softmax":
-        return _topk_softmax(arch, router_logits, config, allowed)
+        return _topk_softmax(arch, router_logits, config, allowed, top_k)
     if kind == "sigmoid_group":
-        return _sigmoid_group(arch, router_logits, config, bias, allowed)
+        return _sigmoid_group(arch, router_logits, config, bias, allowed, top_k)
     raise ValueError(f"unknown routing kind {kind!r}")

@@ -19,6 +19,10 @@ logger = logging.getLogger(__name__)
 # Our own config key for non-uniform pruned checkpoints: one entry per decoder layer
 # (0 for dense layers). Stock transformers does not read it, on purpose (see load_pruned).
 PER_LAYER_COUNTS_KEY = "expert_counts_per_layer"
+# Our own config key for a per-layer top-k (packager.topk): the same shape, k per decoder layer
+# (0 for dense layers), with the family's top-k key holding the maximum. Stock transformers does
+# not read it either: packager.core.pruned_model sets each router's k on load.
+PER_LAYER_TOP_K_KEY = "top_k_per_layer"
 
 ROUTING_KINDS = ("softmax_topk", "topk_softmax", "sigmoid_group")
 _FAMILY_FIELDS = {
@@ -95,11 +99,40 @@ class MoEArch:
             return True
         return len({counts[layer_idx] for layer_idx in self.moe_layers(config)}) <= 1
 
-    def top_k(self, config: Any) -> int:
+    def top_k(self, config: Any, layer_idx: int | None = None) -> int:
+        """Experts per token of MoE layer `layer_idx` (the maximum over layers when None)."""
         value = self._get(config, self.top_k_key, self.top_k_default)
         if not isinstance(value, int) or value < 1:
             raise CheckpointError(f"config has no valid top-k {self.top_k_key!r} ({value!r}) for family {self.family}")
-        return value
+        if layer_idx is None or config_dict(config).get(PER_LAYER_TOP_K_KEY) is None:
+            return value
+        k = dict(zip(self.moe_layers(config), self.layer_top_ks(config))).get(layer_idx)
+        if k is None:
+            raise CheckpointError(f"layer {layer_idx} is not an MoE layer; it has no top-k")
+        return k
+
+    def layer_top_ks(self, config: Any) -> list[int]:
+        """The top-k of each MoE layer, in `moe_layers` order (validated against the config)."""
+        cfg = config_dict(config)
+        base = self.top_k(cfg)
+        layers = self.moe_layers(cfg)
+        per_layer = cfg.get(PER_LAYER_TOP_K_KEY)
+        if per_layer is None:
+            return [base] * len(layers)
+        if (not isinstance(per_layer, list) or len(per_layer) != self.n_layers(cfg)
+                or not all(isinstance(k, int) and not isinstance(k, bool) for k in per_layer)):
+            raise CheckpointError(f"config {PER_LAYER_TOP_K_KEY!r} must list one integer per decoder layer "
+                                  f"({self.n_layers(cfg)}), got {per_layer!r}")
+        ks = [per_layer[i] for i in layers]
+        if any(not 1 <= k <= base for k in ks) or max(ks, default=base) != base:
+            raise CheckpointError(f"config {PER_LAYER_TOP_K_KEY!r} {per_layer!r}: every MoE layer needs a k from 1 to "
+                                  f"{self.top_k_key}={base}, and the largest must equal it")
+        return ks
+
+    def fingerprint_top_k(self, config: Any) -> int | list[int]:
+        """Top-k as the model fingerprint hashes it: one number, or one per MoE layer when they differ."""
+        ks = self.layer_top_ks(config)
+        return ks if len(set(ks)) > 1 else self.top_k(config)
 
     def moe_layers(self, config: Any) -> list[int]:
         """Decoder-layer indices whose MLP is a routed-expert block (need not be contiguous)."""
@@ -274,11 +307,12 @@ class MoEArch:
         return _expand(self.modules["moe_block"], layer_idx=layer_idx)
 
     # ---------------------------------------------------------------- routing
-    def route(self, router_logits, config: Any, bias=None, allowed=None):
-        """Reference routing of this family: (topk_idx, topk_weight). See packager.core.arch.routing."""
+    def route(self, router_logits, config: Any, bias=None, allowed=None, layer_idx: int | None = None):
+        """Reference routing of this family (at layer_idx's top-k): (topk_idx, topk_weight). See
+        packager.core.arch.routing."""
         from packager.core.arch.routing import route
 
-        return route(self, router_logits, config, bias=bias, allowed=allowed)
+        return route(self, router_logits, config, bias=bias, allowed=allowed, layer_idx=layer_idx)
 
     def config_updates_for_counts(self, config: Any, counts: dict[int, int]) -> dict:
         """Config keys to write for a pruned model with `counts` experts per MoE layer."""
