@@ -223,6 +223,13 @@ def test_reduce_stage_merge_drop_and_top_k(setup):
     # the parent read back from its directory scores exactly like the loaded parent
     assert timeless(reduce["top_k"][0]["directions"]["en-de"]) == timeless(results["parent"]["packs"]["en->de"]["directions"]["en-de"])
     assert [r["per_layer_k"] for r in reduce["per_layer_top_k"]] == [[1, 2], [2, 1]]
+    # ONNX Runtime serves the per-layer k: speeds next to k=2 and k=1 everywhere
+    onnx = reduce["per_layer_onnx_speed"]
+    assert [r["per_layer_k"] for r in onnx] == [[2, 2], [1, 2], [2, 1], [1, 1]]
+    for row in onnx:
+        assert row["speed"]["runtime"] == "ONNX Runtime fp32, 1 thread" and row["speed"]["decode_tok_s"] > 0
+    reduced = json.loads((work / "out" / "models" / "topk-2-1" / "config.json").read_text())
+    assert reduced["top_k_per_layer"] == [2, 1] and reduced["num_experts_per_tok"] == 2
     # k=1 in every layer in memory scores exactly like the k=1 copy that reduce_top_k wrote
     experiment = Experiment(model, data, work / "out", CONFIG, None, show_progress=False, command="test")
     experiment.load_parent()
@@ -233,6 +240,10 @@ def test_reduce_stage_merge_drop_and_top_k(setup):
     assert timeless(every_layer) == timeless(uniform)
     page = (work / "docs" / "results.md").read_text()
     assert "## Merge vs drop, top-k reduction (en->de, test split)" in page
+    speed = onnx[2]["speed"]
+    assert (f"| second half k=1 | 2/1 | {reduce['per_layer_top_k'][1]['mean']['chrf++']:.1f} / "
+            f"{100 * reduce['per_layer_top_k'][1]['mean']['error_rate']:.0f}% | {speed['decode_tok_s']:.0f} | "
+            f"{speed['tokens_per_cpu_s']:.0f} |") in page
 
 
 def test_only_reduce_on_the_dev_split(setup):

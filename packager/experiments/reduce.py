@@ -9,9 +9,11 @@ llama.cpp), scored like every other cell (packager.experiment_cells):
   (packager.topk, uniform) next to k=2, with decode speed measured in llama.cpp (F16 GGUF, one
   thread, greedy, the first `reduce_speed_prompts` prompts of the sample; `reduce_speed_repeats`
   passes per model, interleaved with the other k; `decode_speeds`).
-- per-layer top-k: k=1 in some MoE layers only, in transformers (the routers' k set in memory).
-  Quality only: llama.cpp reads one `expert_used_count` per model and the ONNX exporter writes
-  one k for every layer, so no runtime we export to serves it and there is no speed to measure.
+- per-layer top-k: k=1 in some MoE layers only; quality in transformers (the routers' k set in
+  memory), decode speed in ONNX Runtime (fp32, one thread, `reduce_speed_prompts` prompts and
+  `reduce_speed_repeats` passes, interleaved with the parent at k=top-k and at k=1 everywhere;
+  checkpoints written by packager.topk). llama.cpp reads one `expert_used_count` per model and
+  does not serve a per-layer k.
 A merged and a dropped checkpoint of one plan share the router-only model fingerprint, and a
 top-k copy shares its weights, so these cells are keyed by `model_identity` (the fingerprint
 plus the sha256 of the config and weight files) instead.
@@ -35,47 +37,69 @@ def model_identity(path: Path) -> str:
     return digest({"fingerprint": model_fingerprint(path), "files": {p.name: file_sha256(p) for p in files}})
 
 
-def decode_speeds(model_dirs: list[Path], work: Path, sources: list[str], src: str, tgt: str, repeats: int) -> list[dict]:
-    """llama.cpp speed of each model (F16 GGUF, one thread), passes interleaved A B A B ... so that a
-    shared machine's load hits every model alike; cached in `work`. Per model: the median decode
-    tok/s (wall clock) and generated tokens per CPU second of the process (prefill included),
-    which other processes on the machine barely change."""
+SPEED_RUNTIMES = {"gguf": "llama.cpp F16, 1 thread", "onnx": "ONNX Runtime fp32, 1 thread"}
+
+
+def _export_for_speed(model_dir: Path, work: Path, i: int, fmt: str) -> Path:
+    if fmt == "onnx":  # ONNX serves a per-layer top-k; llama.cpp does not
+        from converters.onnx.export import export_onnx
+
+        return export_onnx(model_dir, work / f"model-{i}.onnx", quant="fp32", force=True, hash_inputs=False, check=False)
     from converters.gguf.export import export_gguf
+
+    return export_gguf(model_dir, work / f"model-{i}.f16.gguf", None, dtype="f16", force=True, hash_inputs=False)
+
+
+def decode_speeds(model_dirs: list[Path], work: Path, sources: list[str], src: str, tgt: str, repeats: int,
+                  fmt: str = "gguf", keep_outputs: bool = False) -> list[dict]:
+    """Speed of each model in llama.cpp (F16 GGUF) or ONNX Runtime (fp32), one thread, passes
+    interleaved A B A B ... so that a shared machine's load hits every model alike; cached in
+    `work`. Per model: the median decode tok/s (wall clock) and generated tokens per CPU second
+    of the process (prefill included), which other processes on the machine barely change; with
+    `keep_outputs`, the first pass's translations too (greedy: every pass gives the same)."""
+    import shutil
+
     from runtime.atomic import atomic_write_json
     from runtime.backends import open_backend
 
     cache = work / "speed.json"
     identities = [model_identity(d) for d in model_dirs]
     setup = {"identities": identities, "prompts": len(sources), "repeats": repeats}
+    if fmt != "gguf":  # GGUF caches written before ONNX was measured stay valid
+        setup["format"] = fmt
+    if keep_outputs:
+        setup["outputs"] = True
     if cache.is_file():
         data = json.loads(cache.read_text(encoding="utf-8"))
         if data.get("setup") == setup:
             return data["speeds"]
     work.mkdir(parents=True, exist_ok=True)
-    backends, runs = [], [{"wall": [], "cpu": [], "tokens": 0} for _ in model_dirs]
+    backends, runs = [], [{"wall": [], "cpu": [], "tokens": 0, "outputs": None} for _ in model_dirs]
     try:
         for i, model_dir in enumerate(model_dirs):
-            gguf = work / f"model-{i}.f16.gguf"
-            export_gguf(model_dir, gguf, None, dtype="f16", force=True, hash_inputs=False)
-            backends.append((open_backend(gguf, n_threads=1), gguf))
+            exported = _export_for_speed(Path(model_dir), work, i, fmt)
+            backends.append((open_backend(exported, n_threads=1), exported))
             backends[-1][0].translate(sources[0], src, tgt, max_new_tokens=32)   # warm-up
         for _ in range(repeats):
             for (backend, _), run in zip(backends, runs):
                 backend.timings.reset()
                 cpu = time.process_time()
-                for text in sources:
-                    backend.translate(text, src, tgt, max_new_tokens=128)
+                outputs = [backend.translate(text, src, tgt, max_new_tokens=128) for text in sources]
                 cpu = time.process_time() - cpu
                 run["wall"].append(backend.timings.decode_tokens_per_second)
                 run["cpu"].append(backend.timings.decode_tokens / cpu)
                 run["tokens"] = backend.timings.decode_tokens
+                run["outputs"] = run["outputs"] or outputs
     finally:
-        for backend, gguf in backends:
+        for backend, exported in backends:
             backend.close()
-            gguf.unlink(missing_ok=True)
+            if exported.is_dir():
+                shutil.rmtree(exported)
+            else:
+                exported.unlink(missing_ok=True)
     speeds = [{"decode_tok_s": round(statistics.median(r["wall"]), 1), "decode_tok_s_runs": [round(x, 1) for x in r["wall"]],
                "tokens_per_cpu_s": round(statistics.median(r["cpu"]), 1), "decode_tokens_per_run": r["tokens"],
-               "runtime": "llama.cpp F16, 1 thread"} for r in runs]
+               "runtime": SPEED_RUNTIMES[fmt], **({"outputs": r["outputs"]} if keep_outputs else {})} for r in runs]
     atomic_write_json(cache, {"setup": setup, "speeds": speeds})
     return speeds
 
@@ -145,9 +169,18 @@ def _made_from(out: Path, plan, calib: Path | None) -> bool:
     return record.get("reduce") == "merge" and record.get("merge", {}).get("partner", "").endswith(f"({records} records)")
 
 
-def top_k_rows(exp, slugs: list[str], n: int, first_drop_dir: Path | None) -> list[dict]:
-    from packager.topk import reduce_top_k
+def _reduced(source: Path, out: Path, top_k) -> Path:
+    """`out` = `source` served at `top_k` (one k or one per MoE layer), written unless it already is."""
+    from packager.topk import REDUCTION_NAME, reduce_top_k
 
+    record = out / REDUCTION_NAME
+    if not record.is_file() or json.loads(record.read_text(encoding="utf-8"))["input"]["fingerprint"] != _fingerprint(source) \
+            or json.loads(record.read_text(encoding="utf-8"))["top_k"]["to"] != top_k:
+        reduce_top_k(source, out, top_k, force=True)
+    return out
+
+
+def top_k_rows(exp, slugs: list[str], n: int, first_drop_dir: Path | None) -> list[dict]:
     config = exp.config
     src, tgt = slugs[0].split("-")
     sources = [s.src for s in exp.samples[slugs[0]][0][:config.reduce_speed_prompts]]
@@ -155,10 +188,7 @@ def top_k_rows(exp, slugs: list[str], n: int, first_drop_dir: Path | None) -> li
     models = [("parent", exp.model_dir)] + ([(f"{100 * config.reduce_drops[0]:g}% dropped", first_drop_dir)]
                                             if first_drop_dir else [])
     for name, source in models:
-        reduced = exp.out_dir / "models" / f"top1-{Path(source).name}"
-        if not (reduced / "reduction.json").is_file() or json.loads(
-                (reduced / "reduction.json").read_text(encoding="utf-8"))["input"]["fingerprint"] != _fingerprint(source):
-            reduce_top_k(source, reduced, 1, force=True)
+        reduced = _reduced(source, exp.out_dir / "models" / f"top1-{Path(source).name}", 1)
         pair = [(exp.stats.top_k, Path(source)), (1, reduced)]
         speeds = (decode_speeds([p for _, p in pair], exp.out_dir / "speed" / Path(source).name, sources, src, tgt,
                                 config.reduce_speed_repeats) if config.reduce_speed_prompts else [None, None])
@@ -191,6 +221,27 @@ def per_layer_top_k_rows(exp, slugs: list[str], n: int) -> list[dict]:
     return rows
 
 
+def per_layer_onnx_speeds(exp, slugs: list[str], per_layer: list[dict]) -> list[dict]:
+    """ONNX Runtime decode speed (fp32, one thread) of the parent at k=top-k everywhere, at each
+    per-layer row's k and at k=1 everywhere: ONNX is the runtime that serves a per-layer k."""
+    config = exp.config
+    if not config.reduce_speed_prompts:
+        return []
+    layers = list(exp.stats.moe_layers)
+    settings = []
+    for ks in [[exp.stats.top_k] * len(layers)] + [r["per_layer_k"] for r in per_layer] + [[1] * len(layers)]:
+        if ks not in settings:
+            settings.append(ks)
+    dirs = [exp.model_dir if set(ks) == {exp.stats.top_k} else
+            _reduced(exp.model_dir, exp.out_dir / "models" / f"topk-{'-'.join(map(str, ks))}",
+                     ks if len(set(ks)) > 1 else ks[0]) for ks in settings]
+    src, tgt = slugs[0].split("-")
+    sources = [s.src for s in exp.samples[slugs[0]][0][:config.reduce_speed_prompts]]
+    speeds = decode_speeds(dirs, exp.out_dir / "speed" / "per-layer-onnx", sources, src, tgt,
+                           config.reduce_speed_repeats, fmt="onnx")
+    return [{"per_layer_k": ks, "speed": speed} for ks, speed in zip(settings, speeds)]
+
+
 def reduce_stage(exp) -> dict:
     """Merge vs drop, uniform and per-layer top-k (module docstring)."""
     config = exp.config
@@ -201,6 +252,7 @@ def reduce_stage(exp) -> dict:
     (exp.out_dir / "models").mkdir(parents=True, exist_ok=True)
     parent = {slug: exp.evaluate(exp.parent.fingerprint, slug, label="parent", n=n) for slug in slugs}
     merge = merge_vs_drop(exp, langs, slugs, n)
+    per_layer = per_layer_top_k_rows(exp, slugs, n)
     first = exp.out_dir / "models" / f"reduce-drop-{int(round(config.reduce_drops[0] * 1000)):04d}" if merge else None
     result = {
         "pack": config.pack_name(langs), "split": config.split, "n_per_direction": n,
@@ -209,7 +261,8 @@ def reduce_stage(exp) -> dict:
         "parent": {"directions": parent, "mean": exp.summarize(parent)},
         "merge_vs_drop": merge,
         "top_k": top_k_rows(exp, slugs, n, first),
-        "per_layer_top_k": per_layer_top_k_rows(exp, slugs, n),
+        "per_layer_top_k": per_layer,
+        "per_layer_onnx_speed": per_layer_onnx_speeds(exp, slugs, per_layer),
         "speed_setup": {"prompts": config.reduce_speed_prompts, "repeats": config.reduce_speed_repeats,
                         "runtime": "llama.cpp (llama-cpp-python), F16 GGUF, 1 thread, greedy, max 128 new tokens"},
     }
@@ -250,10 +303,19 @@ def reduce_section(reduce: dict) -> list[str]:
         sp = r.get("speed") or {}
         lines.append(f"| {r['model']} | {r['top_k']} | {_cell(r['mean'])} | {_num(sp.get('decode_tok_s'))} | "
                      f"{_num(sp.get('tokens_per_cpu_s'))} |")
-    lines += ["", "Per-layer top-k (the parent in transformers; no runtime we export to serves a per-layer k: "
-              "llama.cpp reads one expert_used_count per model, the ONNX exporter writes one k):", "",
-              "| setting | k per MoE layer | chrF++ / errors |", "|---|---|---|"]
-    for r in reduce["per_layer_top_k"]:
-        lines.append(f"| {r['setting']} | {'/'.join(map(str, r['per_layer_k']))} | {_cell(r['mean'])} |")
+    lines += ["", "Per-layer top-k (quality: the parent in transformers, the routers' k set in memory; speed: "
+              "ONNX Runtime fp32, one thread, same prompts and passes, interleaved with the uniform k; llama.cpp "
+              "reads one expert_used_count per model and does not serve it):", "",
+              "| setting | k per MoE layer | chrF++ / errors | ONNX decode tok/s (wall) | tokens per CPU s |",
+              "|---|---|---|---|---|"]
+    onnx = {tuple(r["per_layer_k"]): r["speed"] for r in reduce.get("per_layer_onnx_speed", [])}
+    uniform = [(f"every layer k={ks[0]}", list(ks)) for ks in onnx if len(set(ks)) == 1]
+    quality = {tuple(r["per_layer_k"]): _cell(r["mean"]) for r in reduce["per_layer_top_k"]}
+    quality.update({ks: _cell(r["mean"]) for ks in onnx for r in reduce["top_k"]
+                    if r["model"] == "parent" and len(set(ks)) == 1 and r["top_k"] == ks[0]})
+    for name, ks in uniform[:1] + [(r["setting"], r["per_layer_k"]) for r in reduce["per_layer_top_k"]] + uniform[1:]:
+        sp = onnx.get(tuple(ks), {})
+        lines.append(f"| {name} | {'/'.join(map(str, ks))} | {quality.get(tuple(ks), '–')} | "
+                     f"{_num(sp.get('decode_tok_s'))} | {_num(sp.get('tokens_per_cpu_s'))} |")
     return lines
 
