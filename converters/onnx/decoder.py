@@ -491,8 +491,8 @@ class DecoderBuilder:
         g = self.g
         n = self.n_experts[layer_idx]
         (rows1, cols1), (rows2, cols2) = self._expert_fc1(layer_idx, 0).shape, self._expert_fc2(layer_idx, 0).shape
-        attrs = dict(k=self.layer_k[layer_idx], activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=int(normalize),
-                     activation_alpha=1.0, activation_beta=0.0)
+        attrs = dict(k=self.layer_k[layer_idx], activation_type="swiglu", swiglu_fusion=1,
+                     normalize_routing_weights=int(normalize), activation_alpha=1.0, activation_beta=0.0)
         if self.pieces.activation == "gpt_oss":
             attrs.update(activation_alpha=float(getattr(self.text_config, "swiglu_alpha", 1.702)), activation_beta=1.0,
                          swiglu_limit=float(getattr(self.text_config, "swiglu_limit", 7.0)))
