@@ -30,7 +30,7 @@ BUILD_EXTRA_HINT = "install the build side first: pip install 'edge-translation-
 GGUF_EXTRA_HINT = ("install the GGUF build side first: pip install 'edge-translation-packager[gguf]' (no torch; or '[build]' "
                    "for everything)")
 # top-level modules of the extras -> the hint that names what to install
-TORCH_MODULES = {"torch", "transformers", "onnx", "onnxscript", "polib"}
+TORCH_MODULES = {"torch", "transformers", "onnx", "onnxscript", "polib", "scipy"}
 GGUF_MODULES = {"rich", "safetensors", "gguf", "sacrebleu", "matplotlib", "lingua"}  # rich: in both extras
 
 

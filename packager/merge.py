@@ -47,6 +47,11 @@ logger = logging.getLogger(__name__)
 
 MERGE_FAMILIES = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3")
 FLOAT_DTYPES = ("F32", "F16", "BF16")
+ALIGN_METHODS = ("none", "activations", "weights")
+ALIGN_RULES = {
+    "activations": "Pearson correlation of intermediate activations act(gate x) * (up x) on the calibration tokens",
+    "weights": "cosine similarity of each neuron's weights [gate row, up row, down column]",
+}
 
 
 class MergeError(PackagerError):
@@ -171,9 +176,87 @@ def calibration_hidden_states(model_dir: Path, records: Sequence[dict], moe_laye
 
 
 def _expert_output(weights: dict, x):
+    return _intermediate(weights, x) @ weights["down"].T
+
+
+def _intermediate(weights: dict, x):
+    """The expert's intermediate activations act(gate x) * (up x): rows = tokens, columns = neurons."""
     import torch
 
-    return torch.nn.functional.silu(x @ weights["gate"].T) * (x @ weights["up"].T) @ weights["down"].T
+    return torch.nn.functional.silu(x @ weights["gate"].T) * (x @ weights["up"].T)
+
+
+def _expert_weights(reader, arch, layer_idx: int, expert_idx: int) -> dict:
+    names = arch.expert_tensor_names(layer_idx, expert_idx)
+    return {role: reader.get(names[role]).float() for role in ("gate", "up", "down")}
+
+
+def _neuron_vectors(weights: dict, method: str, x):
+    """One unit vector per intermediate neuron (rows): its activations over the calibration tokens,
+    centred (so dot products are Pearson correlations), or its weights [gate row, up row, down column]
+    (dot products are cosine similarities). A neuron that never varies gets a zero row."""
+    import torch
+
+    if method == "activations":
+        vectors = _intermediate(weights, x).T.double()
+        vectors = vectors - vectors.mean(dim=1, keepdim=True)
+    else:
+        vectors = torch.cat([weights["gate"], weights["up"], weights["down"].T], dim=1).double()
+    norms = vectors.norm(dim=1, keepdim=True)
+    return torch.where(norms > 0, vectors / norms.clamp_min(1e-300), torch.zeros_like(vectors))
+
+
+def match_neurons(kept_vectors, dropped_vectors) -> tuple[np.ndarray, float, float]:
+    """The permutation `perm` of the dropped expert's neurons that maximises the summed similarity to the
+    kept expert's: dropped neuron perm[i] is matched to kept neuron i. Also the mean similarity of the
+    matched pairs and of the pairs as stored (the identity)."""
+    from scipy.optimize import linear_sum_assignment
+
+    similarity = (kept_vectors @ dropped_vectors.T).numpy()
+    rows, perm = linear_sum_assignment(similarity, maximize=True)   # square: rows == 0..n-1
+    return perm, float(similarity[rows, perm].mean()), float(np.diagonal(similarity).mean())
+
+
+def align_pairs(reader, arch, pairs: Mapping[int, list[tuple[int, int]]], method: str,
+                hidden: Mapping[int, "torch.Tensor"] | None = None) -> tuple[dict[int, dict[int, np.ndarray]], dict]:
+    """For each (dropped, kept) pair the neuron permutation of the dropped expert that lines it up with
+    the kept one (`match_neurons`), and per layer the mean matched and unaligned similarity.
+    Several experts merged into one kept expert are each aligned to the kept expert (the anchor)."""
+    perms: dict[int, dict[int, np.ndarray]] = {}
+    summary: dict[str, dict] = {}
+    for layer_idx, layer_pairs in pairs.items():
+        x = hidden[layer_idx] if method == "activations" else None
+        if x is not None and x.numel() == 0:
+            raise MergeError(f"no calibration tokens reached layer {layer_idx}: give calibration data")
+        vectors: dict[int, object] = {}
+
+        def vectors_of(expert_idx):
+            if expert_idx not in vectors:
+                vectors[expert_idx] = _neuron_vectors(_expert_weights(reader, arch, layer_idx, expert_idx), method, x)
+            return vectors[expert_idx]
+
+        perms[layer_idx], matched, unaligned = {}, {}, {}
+        for dropped, kept in layer_pairs:
+            perm, matched[dropped], unaligned[dropped] = match_neurons(vectors_of(kept), vectors_of(dropped))
+            perms[layer_idx][dropped] = perm
+        if layer_pairs:
+            summary[str(layer_idx)] = {
+                "mean_matched": round(float(np.mean(list(matched.values()))), 6),
+                "mean_unaligned": round(float(np.mean(list(unaligned.values()))), 6),
+                "matched": {str(d): round(v, 6) for d, v in sorted(matched.items())},
+            }
+    return perms, summary
+
+
+def _permuted(tensor, role: str, perm: np.ndarray | None):
+    """A dropped expert's matrix with its neurons reordered: rows of gate/up, columns of down
+    (the expert computes the same function; its neuron i becomes its old neuron perm[i])."""
+    if perm is None:
+        return tensor
+    import torch
+
+    index = torch.as_tensor(perm, dtype=torch.long)
+    return tensor[:, index] if role == "down" else tensor[index]
 
 
 def choose_partners(reader, arch, config: dict, keep: Mapping[int, Sequence[int]], hidden: Mapping[int, "torch.Tensor"]
@@ -187,11 +270,8 @@ def choose_partners(reader, arch, config: dict, keep: Mapping[int, Sequence[int]
         x = hidden[layer_idx]
         if x.numel() == 0:
             raise MergeError(f"no calibration tokens reached layer {layer_idx}: give calibration data")
-        outputs = {}
-        for expert_idx in range(n):
-            names = arch.expert_tensor_names(layer_idx, expert_idx)
-            weights = {role: reader.get(names[role]).float() for role in ("gate", "up", "down")}
-            outputs[expert_idx] = _expert_output(weights, x).reshape(-1)
+        outputs = {expert_idx: _expert_output(_expert_weights(reader, arch, layer_idx, expert_idx), x).reshape(-1)
+                   for expert_idx in range(n)}
         pairs, sims = [], {}
         for dropped in (e for e in range(n) if e not in kept):
             scores = [(float(torch.nn.functional.cosine_similarity(outputs[dropped], outputs[k], dim=0)), k) for k in kept]
@@ -203,8 +283,10 @@ def choose_partners(reader, arch, config: dict, keep: Mapping[int, Sequence[int]
 
 
 def merged_tensors(reader, arch, keep: Mapping[int, Sequence[int]], merge_map: Mapping[int, list[tuple[int, int]]],
-                   mass: Mapping[int, Sequence[float]]) -> dict[str, bytes]:
-    """Input tensor name of a kept expert's weight -> bytes of its merged weight (same dtype and shape)."""
+                   mass: Mapping[int, Sequence[float]], perms: Mapping[int, Mapping[int, np.ndarray]] | None = None
+                   ) -> dict[str, bytes]:
+    """Input tensor name of a kept expert's weight -> bytes of its merged weight (same dtype and shape);
+    a dropped expert with a permutation in `perms` (`align_pairs`) is reordered before averaging."""
     import torch
 
     dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -222,7 +304,9 @@ def merged_tensors(reader, arch, keep: Mapping[int, Sequence[int]], merge_map: M
                 info = reader.info(name)
                 acc = None
                 for w, e in zip(weights, members):
-                    tensor = reader.get(arch.expert_tensor_names(layer_idx, e)[role]).to(torch.float64) * float(w)
+                    perm = (perms or {}).get(layer_idx, {}).get(e) if e != dst else None
+                    tensor = _permuted(reader.get(arch.expert_tensor_names(layer_idx, e)[role]), role, perm)
+                    tensor = tensor.to(torch.float64) * float(w)
                     acc = tensor if acc is None else acc + tensor
                 merged = acc.to(dtypes[info.dtype]).contiguous()
                 out[name] = merged.view(torch.uint8).numpy().tobytes() if merged.dtype != torch.float32 else merged.numpy().tobytes()
@@ -249,8 +333,8 @@ def read_records(paths: Sequence[Path], limit: int) -> list[dict]:
 
 
 def merge_prune(model_dir: str | os.PathLike, plan, out_dir: str | os.PathLike, *, stats, calib: Sequence[Path] = (),
-                merge_map: Mapping | None = None, max_tokens: int = 1024, max_records: int = 256, force: bool = False,
-                progress: bool = False) -> Path:
+                merge_map: Mapping | None = None, align: str = "none", max_tokens: int = 1024, max_records: int = 256,
+                force: bool = False, progress: bool = False) -> Path:
     """A pruned checkpoint whose kept experts absorbed the dropped ones (module docstring)."""
     from packager.core.arch import load_arch
     from packager.core.checkpoint import CheckpointReader
@@ -258,6 +342,8 @@ def merge_prune(model_dir: str | os.PathLike, plan, out_dir: str | os.PathLike, 
     from packager.core.plan_file import Plan, validate_plan
     from packager.prune import prune_checkpoint
 
+    if align not in ALIGN_METHODS:
+        raise MergeError(f"merge alignment {align!r} is not one of {', '.join(ALIGN_METHODS)}")
     model_dir = Path(model_dir)
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     with CheckpointReader(model_dir) as reader:
@@ -270,15 +356,18 @@ def merge_prune(model_dir: str | os.PathLike, plan, out_dir: str | os.PathLike, 
         keep = {layer_idx: sorted(ids) for layer_idx, ids in plan.keep.items()}
         _check_supported(reader, arch, config, keep)
         n_experts = {layer_idx: arch.n_experts(config, layer_idx) for layer_idx in keep}
-        similarity = None
+        similarity, hidden = None, None
+        if merge_map is None or align == "activations":
+            records = read_records(calib, max_records)
+            if not records:
+                raise MergeError("merging needs calibration records (--calib) to pick partners, or a --merge-map"
+                                 if merge_map is None else
+                                 "--merge-align activations needs calibration records (--calib)")
+            hidden = calibration_hidden_states(model_dir, records, sorted(keep), max_tokens=max_tokens)
         if merge_map is not None:
             pairs = validate_merge_map(merge_map, keep, n_experts)
             partner_rule = "given (--merge-map)"
         else:
-            records = read_records(calib, max_records)
-            if not records:
-                raise MergeError("merging needs calibration records (--calib) to pick partners, or a --merge-map")
-            hidden = calibration_hidden_states(model_dir, records, sorted(keep), max_tokens=max_tokens)
             pairs, similarity = choose_partners(reader, arch, config, keep, hidden)
             pairs = validate_merge_map(pairs, keep, n_experts)
             partner_rule = (f"highest cosine similarity of expert outputs on {min(int(h.shape[0]) for h in hidden.values())}"
@@ -288,13 +377,21 @@ def merge_prune(model_dir: str | os.PathLike, plan, out_dir: str | os.PathLike, 
         if not langs:
             raise MergeError(f"{plan.where}: meta has no 'languages'; merging weights experts by the pack's routing mass")
         mass = routing_mass(stats, langs, direction, sorted(keep))
-        replacements = merged_tensors(reader, arch, keep, pairs, mass)
+        perms, align_record = None, {"method": "none"}
+        if align != "none":
+            perms, layers = align_pairs(reader, arch, pairs, align, hidden)
+            tokens = f" ({min(int(hidden[i].shape[0]) for i in keep)}+ tokens per layer)" if align == "activations" else ""
+            align_record = {"method": align, "match": ALIGN_RULES[align] + tokens,
+                            "solver": "scipy.optimize.linear_sum_assignment (maximum total similarity)",
+                            "anchor": "each dropped expert aligned to its kept partner", "layers": layers}
+        replacements = merged_tensors(reader, arch, keep, pairs, mass, perms)
     record = {
         "map": {str(layer_idx): [list(p) for p in pairs[layer_idx]] for layer_idx in sorted(pairs)},
         "partner": partner_rule,
         "weights": f"routing mass ({','.join(langs)}, {direction}, span sequence) of the kept expert and of each expert merged into it",
         "router": "kept experts' router rows unchanged (the parent's); dropped rows removed",
         "mass": {str(layer_idx): [round(m, 8) for m in mass[layer_idx]] for layer_idx in sorted(mass)},
+        "align": align_record,
     }
     if similarity is not None:
         record["similarity"] = {str(layer_idx): {str(d): s for d, s in sims.items()} for layer_idx, sims in similarity.items()}

@@ -165,3 +165,120 @@ def test_refuses_unsupported(work):
     plan = make_plan(stats, PlanSettings(langs=("de",), drop_ratio=0.5, allocation="uniform"))
     with pytest.raises(MergeError, match="fused experts"):
         merge_prune(parent, plan, work_dir / "fused-out", stats=stats, calib=[calib])
+
+
+def _permuted_copies(model_dir: Path, keep: dict, seed: int) -> dict[int, dict[int, tuple[int, np.ndarray]]]:
+    """Rewrite every dropped expert as a neuron-permuted copy of a kept expert (kept experts in turn,
+    so several dropped experts share a partner): {layer: {dropped: (kept, perm)}}, where the dropped
+    expert's neuron perm[i] is the kept expert's neuron i."""
+    config = json.loads((model_dir / "config.json").read_text())
+    arch = load_arch(config)
+    tensors, files = _load_all(model_dir)
+    rng = np.random.default_rng(seed)
+    applied: dict[int, dict[int, tuple[int, np.ndarray]]] = {}
+    for layer_idx in arch.moe_layers(config):
+        kept = sorted(keep[layer_idx])
+        dropped = [e for e in range(arch.n_experts(config, layer_idx)) if e not in kept]
+        applied[layer_idx] = {}
+        for j, d in enumerate(dropped):
+            k = kept[j % len(kept)]
+            source = arch.expert_tensor_names(layer_idx, k)
+            perm = rng.permutation(tensors[source["gate"]].shape[0])
+            inverse = torch.as_tensor(np.argsort(perm))
+            for role, name in arch.expert_tensor_names(layer_idx, d).items():
+                original = tensors[source[role]]
+                tensors[name] = (original[:, inverse] if role == "down" else original[inverse]).clone()
+            applied[layer_idx][d] = (k, perm)
+    _save_single(model_dir, tensors, files)
+    return applied
+
+
+@pytest.fixture(scope="module")
+def permuted(work):
+    work_dir, calib = work
+    parent = build_tiny("qwen3_moe", work_dir / "permuted", seed=7)
+    stats = _calibrate(parent, calib)
+    # 75%: 2 kept and 6 dropped experts per layer, so 3 permuted copies fold into each kept expert
+    plan = make_plan(stats, PlanSettings(langs=("de",), drop_ratio=0.75, allocation="uniform"))
+    applied = _permuted_copies(parent, plan.keep, seed=8)   # the stats' router-only fingerprint still holds
+    return parent, stats, plan, applied
+
+
+def test_aligned_merge_of_permuted_copies_is_the_kept_expert(work, permuted):
+    from packager.masking import expert_mask
+    from packager.core.pruned_model import load_pruned
+
+    work_dir, calib = work
+    parent, stats, plan, applied = permuted
+    ids = torch.tensor([[1, 5, 6, 9, 10, 11, 12, 7, 13, 14], [1, 20, 21, 22, 7, 30, 31, 32, 33, 34]])
+    parent_model = load_pruned(parent)
+    with expert_mask(parent_model, plan.keep):
+        masked = _logits(parent_model, ids)
+    outputs = {}
+    for align in ("none", "activations", "weights"):
+        out = merge_prune(parent, plan, work_dir / f"permuted-{align}", stats=stats, calib=[calib], align=align)
+        merge = read_provenance(out)["merge"]
+        # identical outputs make each copy's partner the expert it was copied from
+        assert merge["map"] == {str(i): [[d, k] for d, (k, _) in sorted(pairs.items())] for i, pairs in applied.items()}
+        assert merge["align"]["method"] == align
+        outputs[align] = _logits(load_pruned(out), ids)
+    for align in ("activations", "weights"):
+        torch.testing.assert_close(outputs[align], masked, rtol=0, atol=1e-5)
+        for layer in read_provenance(work_dir / f"permuted-{align}")["merge"]["align"]["layers"].values():
+            assert layer["mean_matched"] == pytest.approx(1.0, abs=1e-6)
+            assert layer["mean_unaligned"] < 0.5
+    # averaging as stored mixes unrelated neurons: the kept experts change and so do the logits
+    assert (outputs["none"] - masked).abs().max() > 0.1
+
+
+def test_alignment_finds_the_applied_permutation(work, permuted):
+    from packager.core.checkpoint import CheckpointReader
+    from packager.merge import align_pairs, calibration_hidden_states, read_records
+
+    work_dir, calib = work
+    parent, stats, plan, applied = permuted
+    pairs = {i: [(d, k) for d, (k, _) in sorted(p.items())] for i, p in applied.items()}
+    hidden = calibration_hidden_states(parent, read_records([calib], 256), sorted(plan.keep))
+    with CheckpointReader(parent) as reader:
+        arch = load_arch(reader.config)
+        for method in ("activations", "weights"):
+            perms, _ = align_pairs(reader, arch, pairs, method, hidden)
+            for layer_idx, layer_pairs in applied.items():
+                assert sorted(perms[layer_idx]) == sorted(layer_pairs)
+                for d, (_, perm) in layer_pairs.items():
+                    assert perms[layer_idx][d].tolist() == perm.tolist(), (method, layer_idx, d)
+
+
+def test_merge_align_refusals(work, permuted, tmp_path, monkeypatch, capsys):
+    from packager_cli import run_cli
+
+    work_dir, calib = work
+    parent, stats, plan, applied = permuted
+    with pytest.raises(MergeError, match="merge alignment 'neurons' is not one of none, activations, weights"):
+        merge_prune(parent, plan, tmp_path / "bad-align", stats=stats, calib=[calib], align="neurons")
+    assert not (tmp_path / "bad-align").exists()
+    given = {str(i): [[d, k] for d, (k, _) in sorted(p.items())] for i, p in applied.items()}
+    with pytest.raises(MergeError, match="--merge-align activations needs calibration records"):
+        merge_prune(parent, plan, tmp_path / "no-calib", stats=stats, merge_map=given, align="activations")
+    assert not (tmp_path / "no-calib").exists()
+    plan_path, stats_path = tmp_path / "plan.json", tmp_path / "stats.safetensors"
+    plan.save(plan_path)
+    stats.save(stats_path)
+    common = ["prune", str(parent), "--plan", str(plan_path), "--stats", str(stats_path), "--calib", str(calib)]
+    code, out, err = run_cli(monkeypatch, capsys, *common, "--out", str(tmp_path / "cli-bad"), "--reduce", "merge",
+                             "--merge-align", "neurons")
+    assert (code, out) == (1, "")
+    assert err.splitlines() == ["error: --merge-align 'neurons': choose one of none, activations, weights"]
+    code, out, err = run_cli(monkeypatch, capsys, *common, "--out", str(tmp_path / "cli-drop"), "--merge-align", "weights")
+    assert (code, out) == (1, "")
+    assert err.splitlines() == ["error: --merge-align weights aligns experts before merging: it needs --reduce merge"]
+    assert not (tmp_path / "cli-bad").exists() and not (tmp_path / "cli-drop").exists()
+    # the option reaches the merge: a weights-aligned merge through the CLI writes the same tensors
+    code, out, err = run_cli(monkeypatch, capsys, *common, "--out", str(tmp_path / "cli"), "--reduce", "merge",
+                             "--merge-align", "weights")
+    assert code == 0, err
+    assert read_provenance(tmp_path / "cli")["merge"]["align"]["method"] == "weights"
+    from packager.core.checkpoint import CheckpointReader
+    with CheckpointReader(tmp_path / "cli") as a, CheckpointReader(work_dir / "permuted-weights") as b:
+        assert sorted(a.names()) == sorted(b.names())
+        assert all(torch.equal(a.get(name), b.get(name)) for name in a.names())

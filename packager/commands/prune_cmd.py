@@ -47,19 +47,29 @@ class ByteSize(click.ParamType):
               help="--reduce merge: JSONL records whose tokens pick each dropped expert's partner; repeatable")
 @click.option("--merge-map", "merge_map_path", default=None, type=click.Path(dir_okay=False, path_type=str),
               help="--reduce merge: JSON {layer: [[dropped, kept], ...]} instead of choosing partners")
+@click.option("--merge-align", "merge_align", default="none", show_default=True, metavar="none|activations|weights",
+              help="--reduce merge: line each dropped expert's neurons up with its partner's before averaging, "
+                   "matched on calibration activations (needs --calib) or on weights; none averages as stored")
 @click.option("--top-k", "top_k_text", default=None, metavar="K|K1,K2,...",
               help="also serve the output with fewer experts per token: one k for every MoE layer, or one per "
                    "MoE layer in order (per-layer k: ONNX only; packager.topk)")
 def prune_command(model: str, plan_path: str | None, out_dir: str, force: bool, max_shard_bytes: int,
                   hash_inputs: bool | None, dry_run: bool, reduce: str, stats_path: str | None, calib: tuple[str, ...],
-                  merge_map_path: str | None, top_k_text: str | None) -> None:
+                  merge_map_path: str | None, merge_align: str, top_k_text: str | None) -> None:
     """Write a copy of MODEL that keeps only the experts listed in the plan (and/or serves it at a lower top-k)."""
     from packager.core.plan_file import Plan
+    from packager.merge import ALIGN_METHODS, MergeError
     from packager.prune import describe_prune, prune_checkpoint
 
+    # checked before any work (and before --top-k stages a prune)
+    if merge_align not in ALIGN_METHODS:
+        raise MergeError(f"--merge-align {merge_align!r}: choose one of {', '.join(ALIGN_METHODS)}")
+    if merge_align != "none" and reduce != "merge":
+        raise MergeError(f"--merge-align {merge_align} aligns experts before merging: it needs --reduce merge")
+
     if top_k_text is not None:
-        _top_k_command(model, plan_path, out_dir, force, dry_run, reduce, stats_path, calib, merge_map_path, top_k_text,
-                       max_shard_bytes, hash_inputs)
+        _top_k_command(model, plan_path, out_dir, force, dry_run, reduce, stats_path, calib, merge_map_path, merge_align,
+                       top_k_text, max_shard_bytes, hash_inputs)
         return
     if plan_path is None:
         raise click.UsageError("give --plan PLAN.json (which experts to keep), or --top-k alone to lower top-k only")
@@ -68,7 +78,7 @@ def prune_command(model: str, plan_path: str | None, out_dir: str, force: bool, 
         import json
         from pathlib import Path
 
-        from packager.merge import MergeError, merge_prune
+        from packager.merge import merge_prune
         from packager.core.stats import RoutingStats
 
         if stats_path is None:
@@ -80,8 +90,10 @@ def prune_command(model: str, plan_path: str | None, out_dir: str, force: bool, 
             except (OSError, json.JSONDecodeError) as exc:
                 raise MergeError(f"{merge_map_path}: not a readable JSON merge map ({exc})") from None
         out = merge_prune(model, Plan.load(plan_path), out_dir, stats=RoutingStats.load(stats_path),
-                          calib=[Path(c) for c in calib], merge_map=merge_map, force=force, progress=True)
-        click.echo(f"merged and pruned checkpoint written to {out} (merge map in pruning.json)")
+                          calib=[Path(c) for c in calib], merge_map=merge_map, align=merge_align, force=force,
+                          progress=True)
+        aligned = "" if merge_align == "none" else f", neurons aligned on {merge_align}"
+        click.echo(f"merged and pruned checkpoint written to {out} (merge map{aligned} in pruning.json)")
         return
 
     if dry_run:
@@ -98,8 +110,8 @@ def prune_command(model: str, plan_path: str | None, out_dir: str, force: bool, 
     click.echo(f"pruned checkpoint written to {out}")
 
 
-def _top_k_command(model, plan_path, out_dir, force, dry_run, reduce, stats_path, calib, merge_map_path, top_k_text,
-                   max_shard_bytes, hash_inputs) -> None:
+def _top_k_command(model, plan_path, out_dir, force, dry_run, reduce, stats_path, calib, merge_map_path, merge_align,
+                   top_k_text, max_shard_bytes, hash_inputs) -> None:
     """--top-k: check the k against MODEL first, then prune (with a plan) into a staging directory and reduce."""
     import shutil
     from pathlib import Path
@@ -117,7 +129,7 @@ def _top_k_command(model, plan_path, out_dir, force, dry_run, reduce, stats_path
             ctx = click.get_current_context()
             ctx.invoke(prune_command, model=model, plan_path=plan_path, out_dir=out_dir, force=force, dry_run=True,
                        max_shard_bytes=max_shard_bytes, hash_inputs=hash_inputs, reduce=reduce, stats_path=stats_path,
-                       calib=calib, merge_map_path=merge_map_path, top_k_text=None)
+                       calib=calib, merge_map_path=merge_map_path, merge_align=merge_align, top_k_text=None)
         click.echo(f"top-k per MoE layer: {','.join(map(str, ks))}")
         return
     if final.exists() and not force:
@@ -130,7 +142,8 @@ def _top_k_command(model, plan_path, out_dir, force, dry_run, reduce, stats_path
         try:
             ctx.invoke(prune_command, model=model, plan_path=plan_path, out_dir=str(staged), force=True,
                        max_shard_bytes=max_shard_bytes, hash_inputs=hash_inputs, dry_run=False, reduce=reduce,
-                       stats_path=stats_path, calib=calib, merge_map_path=merge_map_path, top_k_text=None)
+                       stats_path=stats_path, calib=calib, merge_map_path=merge_map_path, merge_align=merge_align,
+                       top_k_text=None)
             reduce_top_k(staged, final, top_k, force=force)
         finally:
             shutil.rmtree(staged, ignore_errors=True)
