@@ -159,6 +159,8 @@ def test_generated_page(setup):
 def test_rerun_reuses_every_cell(setup, monkeypatch):
     work, model, data, results = setup
     monkeypatch.setattr(distill_module, "greedy_generate", lambda *a, **k: pytest.fail("a cached cell was recomputed"))
+    import packager.merge as merge_module   # the reduce stage's merged checkpoints (every alignment) are reused too
+    monkeypatch.setattr(merge_module, "merge_prune", lambda *a, **k: pytest.fail("a merged checkpoint was rewritten"))
     again = Experiment(model, data, work / "out", CONFIG, work / "docs" / "again.md", show_progress=False, command="test").run()
     assert again["cells"]["computed"] == 0
     assert again["cells"]["cached"] == results["cells"]["computed"] + results["cells"]["cached"]
@@ -212,6 +214,17 @@ def test_reduce_stage_merge_drop_and_top_k(setup):
         pruning = json.loads((work / "out" / "models" / f"reduce-merge-{tag}" / "pruning.json").read_text())
         assert pruning["reduce"] == "merge"
         assert sum(len(pairs) for pairs in pruning["merge"]["map"].values()) == 16 - sum(row["counts"])
+        assert pruning["merge"]["align"] == {"method": "none"}
+        # one aligned merge per method, each its own checkpoint with the same partners
+        assert sorted(row["merge_aligned"]) == ["activations", "weights"]
+        identities = {row["drop"]["identity"], row["merge"]["identity"]}
+        for align, cell in row["merge_aligned"].items():
+            aligned = json.loads((work / "out" / "models" / f"reduce-merge-{align}-{tag}" / "pruning.json").read_text())
+            assert aligned["merge"]["align"]["method"] == align
+            assert aligned["merge"]["map"] == pruning["merge"]["map"]
+            assert set(aligned["merge"]["align"]["layers"]) == {"0", "1"}
+            assert cell["identity"] not in identities
+            identities.add(cell["identity"])
     assert [(r["model"], r["top_k"]) for r in reduce["top_k"]] == [("parent", 2), ("parent", 1), ("50% dropped", 2),
                                                                    ("50% dropped", 1)]
     for row in reduce["top_k"]:
@@ -244,6 +257,7 @@ def test_reduce_stage_merge_drop_and_top_k(setup):
     assert (f"| second half k=1 | 2/1 | {reduce['per_layer_top_k'][1]['mean']['chrf++']:.1f} / "
             f"{100 * reduce['per_layer_top_k'][1]['mean']['error_rate']:.0f}% | {speed['decode_tok_s']:.0f} | "
             f"{speed['tokens_per_cpu_s']:.0f} |") in page
+    assert "| dropped | experts per layer | drop | merge | merge, aligned on activations | merge, aligned on weights |" in page
 
 
 def test_only_reduce_on_the_dev_split(setup):

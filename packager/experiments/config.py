@@ -47,6 +47,7 @@ class ExperimentConfig:
     reduce_ranker: str = "routing-mass"
     reduce_allocation: str = "uniform"      # uniform: every reduced model also loads in llama.cpp
     reduce_merge_records: int = 256         # train records the merge partners are chosen on
+    reduce_merge_aligns: tuple[str, ...] = ("activations", "weights")   # merge columns with neurons aligned first
     reduce_speed_prompts: int = 40          # llama.cpp decode-speed prompts (0: no speed measurement)
     reduce_speed_repeats: int = 5           # passes per model, interleaved with the other k
     split: str = "test"                     # the split cells are scored on; "dev" calibrates on train

@@ -2,9 +2,10 @@
 
 On the first pack (routing-mass / uniform plans by default, so every result also loads in
 llama.cpp), scored like every other cell (packager.experiment_cells):
-- merge vs drop: at each `reduce_drops` ratio the parent is pruned twice, dropping
-  (packager.prune) and merging (packager.merge, partners from the train split's records of the
-  pack's directions), and both checkpoints are scored.
+- merge vs drop: at each `reduce_drops` ratio the parent is pruned by dropping (packager.prune)
+  and by merging (packager.merge, partners from the train split's records of the pack's
+  directions): averaging as stored, and once per `reduce_merge_aligns` method with each dropped
+  expert's neurons aligned to its partner's first; every checkpoint is scored.
 - top-k: the parent and the first drop ratio's pruned checkpoint served at k=1
   (packager.topk, uniform) next to k=2, with decode speed measured in llama.cpp (F16 GGUF, one
   thread, greedy, the first `reduce_speed_prompts` prompts of the sample; `reduce_speed_repeats`
@@ -142,22 +143,28 @@ def merge_vs_drop(exp, langs, slugs: list[str], n: int) -> list[dict]:
         plan = make_plan(exp.stats, PlanSettings(langs=tuple(langs), direction="en-x", drop_ratio=drop,
                                                  ranker=config.reduce_ranker, allocation=config.reduce_allocation,
                                                  seed=config.seed))
-        row = {"drop_ratio": drop, "counts": [len(plan.keep[i]) for i in sorted(plan.keep)]}
-        for reduce in ("drop", "merge"):
-            out = exp.out_dir / "models" / f"reduce-{reduce}-{tag}"
-            if not _made_from(out, plan, calib if reduce == "merge" else None):
-                if reduce == "drop":
+        row = {"drop_ratio": drop, "counts": [len(plan.keep[i]) for i in sorted(plan.keep)], "merge_aligned": {}}
+        variants = [("drop", None), ("merge", "none")] + [(f"merge-{a}", a) for a in config.reduce_merge_aligns]
+        for name, align in variants:
+            out = exp.out_dir / "models" / f"reduce-{name}-{tag}"
+            if not _made_from(out, plan, calib if align else None, align):
+                if align is None:
                     prune_checkpoint(exp.model_dir, plan, out, force=True)
                 else:
-                    merge_prune(exp.model_dir, plan, out, stats=exp.stats, calib=[calib],
+                    merge_prune(exp.model_dir, plan, out, stats=exp.stats, calib=[calib], align=align,
                                 max_records=config.reduce_merge_records, force=True)
-            row[reduce] = _score_dir(exp, out, slugs, f"{reduce} {drop}", n)
+            cell = _score_dir(exp, out, slugs, f"{name} {drop}", n)
+            if align in (None, "none"):
+                row[name] = cell
+            else:
+                row["merge_aligned"][align] = cell
         rows.append(row)
     return rows
 
 
-def _made_from(out: Path, plan, calib: Path | None) -> bool:
-    """`out` holds `plan` pruned (and, with `calib`, merged with partners chosen on all of calib's records)."""
+def _made_from(out: Path, plan, calib: Path | None, align: str | None = None) -> bool:
+    """`out` holds `plan` pruned (and, with `calib`, merged with partners chosen on all of calib's records,
+    neurons aligned by `align`; merges written before alignment existed record none and were not aligned)."""
     from packager.prune import read_provenance
 
     record = read_provenance(out) if out.is_dir() else None
@@ -166,7 +173,9 @@ def _made_from(out: Path, plan, calib: Path | None) -> bool:
     if calib is None:
         return record.get("reduce", "drop") == "drop"
     records = sum(1 for line in calib.read_text(encoding="utf-8").splitlines() if line.strip())
-    return record.get("reduce") == "merge" and record.get("merge", {}).get("partner", "").endswith(f"({records} records)")
+    merge = record.get("merge", {})
+    return (record.get("reduce") == "merge" and merge.get("partner", "").endswith(f"({records} records)")
+            and merge.get("align", {}).get("method", "none") == align)
 
 
 def _reduced(source: Path, out: Path, top_k) -> Path:
@@ -258,6 +267,7 @@ def reduce_stage(exp) -> dict:
         "pack": config.pack_name(langs), "split": config.split, "n_per_direction": n,
         "plan": f"{config.reduce_ranker} / {config.reduce_allocation}",
         "merge_partners": f"first {config.reduce_merge_records} train records of {', '.join(slugs)}",
+        "merge_aligns": list(config.reduce_merge_aligns),
         "parent": {"directions": parent, "mean": exp.summarize(parent)},
         "merge_vs_drop": merge,
         "top_k": top_k_rows(exp, slugs, n, first),
@@ -272,7 +282,7 @@ def reduce_stage(exp) -> dict:
 
 def n_cells(config) -> int:
     directions = len(config.packs[0])
-    return directions * (1 + 2 * len(config.reduce_drops) + 4 + 2)
+    return directions * (1 + (2 + len(config.reduce_merge_aligns)) * len(config.reduce_drops) + 4 + 2)
 
 
 def _cell(m: dict) -> str:
@@ -289,10 +299,17 @@ def reduce_section(reduce: dict) -> list[str]:
     lines = ["", f"## Merge vs drop, top-k reduction ({reduce['pack']}, {split} split)", "",
              f"{reduce['n_per_direction']} {split} sentences per direction; plan {reduce['plan']}; merge partners from the "
              f"{reduce['merge_partners']}. Cells are chrF++ / generation-error rate; parent {_cell(reduce['parent']['mean'])}.",
-             "", "| dropped | experts per layer | drop | merge |", "|---|---|---|---|"]
+             ""]
+    aligns = reduce.get("merge_aligns", [])   # results written before alignment existed have none
+    if aligns:
+        lines += ["Aligned merges permute each dropped expert's neurons onto its partner's before averaging "
+                  "(packager.merge, `--merge-align`).", ""]
+    header = ["dropped", "experts per layer", "drop", "merge"] + [f"merge, aligned on {a}" for a in aligns]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in reduce["merge_vs_drop"]:
-        lines.append(f"| {100 * r['drop_ratio']:g}% | {'/'.join(map(str, r['counts']))} | {_cell(r['drop']['mean'])} | "
-                     f"{_cell(r['merge']['mean'])} |")
+        cells = [f"{100 * r['drop_ratio']:g}%", "/".join(map(str, r["counts"])), _cell(r["drop"]["mean"]),
+                 _cell(r["merge"]["mean"])] + [_cell(r["merge_aligned"][a]["mean"]) for a in aligns]
+        lines.append("| " + " | ".join(cells) + " |")
     speed = reduce["speed_setup"]
     lines += ["", f"Top-k reduction (uniform; speed: {speed['runtime']}, {speed['prompts']} prompts, median of "
               f"{speed['repeats']} passes per model, interleaved with the other k; tokens per CPU second: generated "
