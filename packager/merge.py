@@ -10,6 +10,22 @@ into a kept expert of the same layer before slicing, instead of throwing its wei
   importance signal). Each kept expert k becomes, matrix by matrix (gate, up, down),
       W_k' = (m_k W_k + sum_{d -> k} m_d W_d) / (m_k + sum_{d -> k} m_d)
   (equal weights if every mass involved is 0).
+- Alignment (`align`, `--merge-align`; default "none" = average the matrices as stored). A
+  SiLU-gated expert computes the same function whatever the order of its intermediate neurons
+  (rows of gate and up, columns of down, permuted together), and independently trained experts
+  have no reason to share an order, so averaging as stored mixes unrelated neurons. With
+  "activations" or "weights", each dropped expert d is first permuted so that its neuron
+  perm[i] sits where k's neuron i is, perm maximising the summed similarity of matched pairs
+  (scipy.optimize.linear_sum_assignment on the n x n similarity matrix):
+    activations: Pearson correlation of the neurons' intermediate activations
+      act(gate x) * (up x) over the calibration tokens above (needs calibration records even
+      with a given merge map);
+    weights: cosine similarity of each neuron's [gate row, up row, down column].
+  Several experts merged into one kept expert are each aligned to k (k is the anchor; no
+  expert is aligned to another dropped one). The record keeps the method and, per layer, the
+  mean similarity of the matched pairs and of the pairs as stored (the identity permutation).
+  The solver is cubic in the intermediate size at worst (on random n x n matrices, one thread:
+  2 ms at n=256, 0.08 s at 768, 0.5 s at 2048 per pair).
 - Router: the kept experts' router rows stay the parent's rows, bit for bit; the dropped
   rows go as in a plain prune. Tokens the parent sent to a dropped expert now go to their
   best kept experts, as in mask mode; the merged weights make the experts they land on closer
@@ -21,7 +37,7 @@ into a kept expert of the same layer before slicing, instead of throwing its wei
   fingerprint; their pruning.json `reduce` field tells them apart.
 
 The merge map, in original expert numbering, goes into pruning.json:
-    "reduce": "merge", "merge": {"map": {"<layer>": [[dropped, kept], ...]}, "weights": ..., ...}
+    "reduce": "merge", "merge": {"map": {"<layer>": [[dropped, kept], ...]}, "weights": ..., "align": {"method": ...}, ...}
 A map is valid when every source is a dropped expert named once and every target is a kept
 expert of the same layer (`validate_merge_map`).
 
