@@ -3,7 +3,8 @@ chrF++ of the parent with no training (`--drop 0.5 --minutes 0`), and 75% droppe
 distillation, using the best of search, merging and recovery (`--drop 0.75`).
 
     python bench/quality_goal_bench.py --out DIR [--pair en-de] [--drop 0.75] [--minutes 8] [--sentences 4000]
-                                       [--test-n 400] [--skip-merge] [--uniform]
+                                       [--test-n 400] [--skip-merge | --merge-align none|activations|weights [--skip-drop]]
+                                       [--uniform]
 
 1. Statistics: teacher-forced calibration on the train split (100 sentences per direction).
 2. Plan: `packager plan search --drop D` on the first 100 dev records of the pair (grid at
@@ -17,7 +18,7 @@ distillation, using the best of search, merging and recovery (`--drop 0.75`).
    and against the parent a paired bootstrap of the chrF++ difference (same resampled
    sentences for both models, 1000 resamples): its mean, 95% interval and the share of
    resamples in which the gap is at most 2 points.
-The sha256 of the parent's weights is recorded with every figure. Writes DIR/goal.json."""
+The sha256 of the parent's weights is recorded with every figure. Writes DIR/goal.json (`--record`)."""
 from __future__ import annotations
 
 import argparse
@@ -80,6 +81,9 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=4000)
     parser.add_argument("--test-n", type=int, default=400)
     parser.add_argument("--skip-merge", action="store_true")
+    parser.add_argument("--merge-align", default="none", help="neuron alignment before merging: none, activations, weights")
+    parser.add_argument("--skip-drop", action="store_true", help="distil only the merged model (the dropped one was run before)")
+    parser.add_argument("--record", default="goal.json", help="file name of the record in DIR")
     parser.add_argument("--uniform", action="store_true", help="uniform plans only (what stock llama.cpp loads)")
     args = parser.parse_args()
 
@@ -122,8 +126,8 @@ def main() -> None:
                         "parent_dev_chrf++": result.parent["chrf++"], "refinement": result.refinement}
     record["timings"]["search"] = round(time.monotonic() - started, 1)
     # 3. models
-    models = {"dropped": out / f"dropped-{tag}"} if train else {}
-    if train and not (models["dropped"] / "pruning.json").is_file():
+    models = {"dropped": out / f"dropped-{tag}"} if train and not args.skip_drop else {}
+    if models and not (models["dropped"] / "pruning.json").is_file():
         prune_checkpoint(args.model, plan_path, models["dropped"], force=True)
     if train and not args.skip_merge:
         calib = out / "merge-calib.jsonl"
@@ -131,9 +135,10 @@ def main() -> None:
             rows = [line for line in (args.data / "train.jsonl").read_text(encoding="utf-8").splitlines()
                     if f'"tgt_lang": "{lang}"' in line][:256]
             calib.write_text("\n".join(rows) + "\n", encoding="utf-8")
-        models["merged"] = out / f"merged-{tag}"
-        if not (models["merged"] / "pruning.json").is_file():
-            merge_prune(args.model, plan_path, models["merged"], stats=stats, calib=[calib], force=True)
+        merged = "merged" if args.merge_align == "none" else f"merged-aligned-{args.merge_align}"
+        models[merged] = out / f"{merged}-{tag}"
+        if not (models[merged] / "pruning.json").is_file():
+            merge_prune(args.model, plan_path, models[merged], stats=stats, calib=[calib], align=args.merge_align, force=True)
     for name in list(models):
         target = out / f"{name}-{tag}-distilled"
         if not (target / "distillation.json").is_file():
@@ -173,7 +178,7 @@ def main() -> None:
     record["test"] = {"split": "test", "n": len(records), "selection": "seeded shuffle ('goal75:0:PAIR') of the pair's test records",
                       "scores": scores}
     record["timings"]["total"] = round(time.monotonic() - started, 1)
-    (out / "goal.json").write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
+    (out / args.record).write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -154,6 +154,25 @@ def test_generated_page(setup):
     sweep_table = page.split("## Sweep en->de (mask mode)")[1].split("Plot:")[0]
     assert len([line for line in sweep_table.splitlines() if line.startswith("| ") and "---" not in line]) == 1 + 15
     assert "Routing mass vs random ranking" in page and "Dynamic vs uniform allocation" in page
+    # the frontier under the en->de sweep: chrF++ strictly rising with size, each row a sweep plan (or the
+    # parent) with its score, and no plan of the same or a smaller size scoring higher (checked on results.json)
+    frontier = page.split("## Sweep en->de (mask mode)")[1].split("Frontier of this sweep")[1].split("\n\n")[1]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in frontier.splitlines()[2:]]
+    sweep = [r for r in results["sweep"] if r["pack"] == "en->de" and "error" not in r]
+    parent = {"tensor_bytes": results["model"]["tensor_bytes"], "mean": results["parent"]["packs"]["en->de"]["mean"]}
+    chosen = []
+    for size, score, plan, _ in cells:
+        if plan == "parent":
+            chosen.append(parent)
+            continue
+        ranker, allocation, drop = plan.split(" / ")
+        chosen.append(next(r for r in sweep if (r["ranker"], r["allocation"], f"{100 * r['drop']:g}%") == (ranker, allocation, drop)))
+        assert f"{chosen[-1]['mean']['chrf++']:.1f}" == score.split(" / ")[0]
+    assert chosen and all(a["tensor_bytes"] < b["tensor_bytes"] and a["mean"]["chrf++"] < b["mean"]["chrf++"]
+                          for a, b in zip(chosen, chosen[1:]))
+    for row in sweep + [parent]:
+        beaten = [c for c in chosen if c["tensor_bytes"] <= row["tensor_bytes"]]
+        assert beaten and max(c["mean"]["chrf++"] for c in beaten) >= row["mean"]["chrf++"]
 
 
 def test_rerun_reuses_every_cell(setup, monkeypatch):

@@ -190,6 +190,7 @@ def _sweep_section(results: dict, out_dir: Path, pack: str) -> list[str]:
                     cells.append(f"{_fmt(r['mean']['chrf++'])} / {_pct(r['mean']['error_rate'])}")
             lines.append(f"| {ranker} | {allocation} | " + " | ".join(cells) + " |")
     lines += ["", f"Plot: `{out_dir / 'plots' / ('sweep-' + plot_slug(pack) + '.png')}`"]
+    lines += _frontier_lines(results, rows, pp)
     jsd = (results.get("layer_jsd") or {}).get(pack)
     mass = [r for r in rows if r["ranker"] == "routing-mass" and "counts" in r]
     if mass:
@@ -204,6 +205,28 @@ def _sweep_section(results: dict, out_dir: Path, pack: str) -> list[str]:
                 r = next((r for r in mass if (r["allocation"], r["drop"]) == (allocation, drop)), None)
                 cells.append("/".join(map(str, r["counts"])) if r else "n/a")
             lines.append(f"| {allocation} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _frontier_lines(results: dict, rows: list[dict], parent_pack: dict) -> list[str]:
+    """The sweep's size-for-quality frontier: the plans no smaller plan beats on chrF++."""
+    from packager.plan_search import pareto_frontier
+
+    points = [{"size_bytes": r["tensor_bytes"], "chrf++": r["mean"]["chrf++"], "row": r}
+              for r in rows if "error" not in r and r.get("tensor_bytes")]
+    points.append({"size_bytes": results["model"]["tensor_bytes"], "chrf++": parent_pack["mean"]["chrf++"], "row": None})
+    lines = ["", "Frontier of this sweep (the smallest plan for each chrF++ level; sizes are the pruned checkpoint's "
+             "tensor bytes, MB = 10^6; chosen on the test sample itself, so an optimistic view: "
+             "`packager plan search` chooses on a dev split):", "",
+             "| size MB | chrF++ / errors | plan | kept per layer |", "|---|---|---|---|"]
+    for point in pareto_frontier(points):
+        r = point["row"]
+        if r is None:
+            lines.append(f"| {point['size_bytes'] / 1e6:.1f} | {_fmt(point['chrf++'])} / {_pct(parent_pack['mean']['error_rate'])} "
+                         "| parent | all |")
+        else:
+            lines.append(f"| {point['size_bytes'] / 1e6:.1f} | {_fmt(r['mean']['chrf++'])} / {_pct(r['mean']['error_rate'])} "
+                         f"| {r['ranker']} / {r['allocation']} / {100 * r['drop']:g}% | {'/'.join(map(str, r['counts']))} |")
     return lines
 
 
