@@ -23,14 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _records(split: Path, src: str, tgt: str, limit: int) -> list[dict]:
-    rows = []
-    with split.open(encoding="utf-8") as handle:
-        for line in handle:
-            record = json.loads(line)
-            if record["src_lang"] == src and record["tgt_lang"] == tgt:
-                rows.append(record)
-                if len(rows) >= limit:
-                    break
+    from packager.pair_data import iter_pair_records
+
+    rows = [r for _, r in iter_pair_records(split, SystemExit, "split") if (r["src_lang"], r["tgt_lang"]) == (src, tgt)][:limit]
     if not rows:
         raise SystemExit(f"error: {split}: no {src}->{tgt} records")
     return rows

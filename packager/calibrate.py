@@ -63,6 +63,7 @@ class RoutingRecorder:
         self.arch = arch
         self.config = config
         self.layers = arch.moe_layers(config)
+        self.top_ks = arch.layer_top_ks(config)  # resolved once: the router hooks run on every forward pass
         self.n_experts = arch.n_experts(config)
         self.n_keys = n_pairs * len(SLOTS)
         shape = (len(self.layers), self.n_keys + 1, self.n_experts)  # +1: dummy key for padding
@@ -118,7 +119,7 @@ class RoutingRecorder:
             _, weights, idx = output
             return idx, weights
         # a router that returns bare logits: route at the layer's own top-k
-        idx, weights = self.arch.route(output, self.config, layer_idx=self.layers[pos])
+        idx, weights = self.arch.route(output, self.config, top_k=self.top_ks[pos])
         return idx.reshape(-1, idx.shape[-1]), weights.reshape(-1, weights.shape[-1])
 
     def _router_hook(self, pos: int):

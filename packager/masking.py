@@ -36,12 +36,12 @@ class ExpertMaskHandle:
         self.remove()
 
 
-def _router_hook(arch, config, allowed: torch.Tensor, bias_attr: str | None, layer_idx: int):
+def _router_hook(arch, config, allowed: torch.Tensor, bias_attr: str | None, top_k: int):
     def hook(module, args, output):
         router_logits, old_weights, _old_idx = output
         bias = getattr(module, bias_attr) if bias_attr else None
         mask = allowed.to(router_logits.device)
-        idx, weights = arch.route(router_logits, config, bias=bias, allowed=mask, layer_idx=layer_idx)
+        idx, weights = arch.route(router_logits, config, bias=bias, allowed=mask, top_k=top_k)
         masked_logits = router_logits.masked_fill(~mask, float("-inf"))
         return masked_logits, weights.to(old_weights.dtype), idx.to(_old_idx.dtype)
 
@@ -71,7 +71,7 @@ def apply_expert_mask(model: torch.nn.Module, keep: Mapping[int, list[int]]) -> 
                 )
             allowed = torch.zeros(n_experts, dtype=torch.bool)
             allowed[list(ids)] = True
-            hooks.append(router.register_forward_hook(_router_hook(arch, config, allowed, score_bias_attr, layer_idx)))
+            hooks.append(router.register_forward_hook(_router_hook(arch, config, allowed, score_bias_attr, top_k)))
     except BaseException:
         for hook in hooks:
             hook.remove()

@@ -134,10 +134,7 @@ def reduce_top_k(model_dir: str | os.PathLike, out_dir: str | os.PathLike, top_k
         new_config = {key: value for key, value in config.items() if key != PER_LAYER_TOP_K_KEY}
         new_config[arch.top_k_key] = max(ks)
         if not uniform:
-            per_layer = [0] * arch.n_layers(config)
-            for layer_idx, k in zip(arch.moe_layers(config), ks):
-                per_layer[layer_idx] = k
-            new_config[PER_LAYER_TOP_K_KEY] = per_layer
+            new_config[PER_LAYER_TOP_K_KEY] = arch.per_decoder_layer(config, dict(zip(arch.moe_layers(config), ks)))
         atomic_write_json(staging / CONFIG_NAME, new_config)
         fingerprint = model_fingerprint(staging)
         pruning_path = model_dir / PROVENANCE_NAME

@@ -219,7 +219,7 @@ def test_missing_data_is_one_error_line(tmp_path):
 
 
 def test_reduce_stage_merge_drop_and_top_k(setup):
-    from packager.experiments.reduce import layer_top_k
+    from packager.core.pruned_model import layer_top_k
 
     work, model, data, results = setup
     reduce = results["reduce"]

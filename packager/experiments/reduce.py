@@ -26,7 +26,7 @@ import statistics
 import time
 from pathlib import Path
 
-from packager.core.pruned_model import layer_top_k  # noqa: F401 - the in-memory per-layer k (also used by tests)
+from packager.core.pruned_model import layer_top_k
 
 
 def model_identity(path: Path) -> str:
@@ -182,9 +182,9 @@ def _reduced(source: Path, out: Path, top_k) -> Path:
     """`out` = `source` served at `top_k` (one k or one per MoE layer), written unless it already is."""
     from packager.topk import REDUCTION_NAME, reduce_top_k
 
-    record = out / REDUCTION_NAME
-    if not record.is_file() or json.loads(record.read_text(encoding="utf-8"))["input"]["fingerprint"] != _fingerprint(source) \
-            or json.loads(record.read_text(encoding="utf-8"))["top_k"]["to"] != top_k:
+    path = out / REDUCTION_NAME
+    record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if record is None or record["input"]["fingerprint"] != _fingerprint(source) or record["top_k"]["to"] != top_k:
         reduce_top_k(source, out, top_k, force=True)
     return out
 

@@ -60,14 +60,16 @@ def _sigmoid_group(arch: MoEArch, logits: torch.Tensor, config: Any, bias, allow
     return idx.reshape(shape), weights.reshape(shape)
 
 
-def route(arch: MoEArch, router_logits: torch.Tensor, config: Any, bias=None, allowed=None, layer_idx: int | None = None):
+def route(arch: MoEArch, router_logits: torch.Tensor, config: Any, bias=None, allowed=None, top_k: int | None = None):
     """(topk_idx, topk_weight) for router logits [..., n_experts] (router bias already added).
 
     `bias` is the score-correction bias of sigmoid_group routers; `allowed` is a bool tensor
-    [n_experts]: experts where it is False are never chosen. `layer_idx` picks the layer's own
-    top-k when the config has a per-layer k (the maximum otherwise)."""
+    [n_experts]: experts where it is False are never chosen. `top_k` is the layer's own k
+    (`arch.top_k(config, layer_idx)`, resolved once by callers that route on every forward pass;
+    the config's top-k when None)."""
     kind = arch.routing_kind
-    top_k = arch.top_k(config, layer_idx)
+    if top_k is None:
+        top_k = arch.top_k(config)
     if kind == "softmax_topk":
         return _softmax_topk(arch, router_logits, config, allowed, top_k)
     if kind == "topk_softmax":

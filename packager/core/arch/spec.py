@@ -307,12 +307,20 @@ class MoEArch:
         return _expand(self.modules["moe_block"], layer_idx=layer_idx)
 
     # ---------------------------------------------------------------- routing
-    def route(self, router_logits, config: Any, bias=None, allowed=None, layer_idx: int | None = None):
-        """Reference routing of this family (at layer_idx's top-k): (topk_idx, topk_weight). See
-        packager.core.arch.routing."""
+    def route(self, router_logits, config: Any, bias=None, allowed=None, top_k: int | None = None):
+        """Reference routing of this family (at `top_k`, the config's when None): (topk_idx,
+        topk_weight). See packager.core.arch.routing."""
         from packager.core.arch.routing import route
 
-        return route(self, router_logits, config, bias=bias, allowed=allowed, layer_idx=layer_idx)
+        return route(self, router_logits, config, bias=bias, allowed=allowed, top_k=top_k)
+
+    def per_decoder_layer(self, config: Any, values: Mapping[int, int]) -> list[int]:
+        """The layout of our per-layer config keys (expert counts, top-k): one entry per decoder
+        layer, `values[i]` for MoE layer i and 0 for dense layers."""
+        per_layer = [0] * self.n_layers(config)
+        for layer_idx, value in values.items():
+            per_layer[layer_idx] = value
+        return per_layer
 
     def config_updates_for_counts(self, config: Any, counts: dict[int, int]) -> dict:
         """Config keys to write for a pruned model with `counts` experts per MoE layer."""
@@ -320,10 +328,7 @@ class MoEArch:
         n_max = max(counts.values())
         updates: dict[str, Any] = {key: n_max for key in self.n_experts_keys}
         if len(set(counts.values())) > 1:
-            per_layer = [0] * self.n_layers(cfg)
-            for layer_idx, n in counts.items():
-                per_layer[layer_idx] = n
-            updates[PER_LAYER_COUNTS_KEY] = per_layer
+            updates[PER_LAYER_COUNTS_KEY] = self.per_decoder_layer(cfg, counts)
         else:
             updates[PER_LAYER_COUNTS_KEY] = None  # None = remove the key
         return updates
