@@ -132,9 +132,11 @@ def main() -> None:
     if train and not args.skip_merge:
         calib = out / "merge-calib.jsonl"
         if not calib.is_file():
-            rows = [line for line in (args.data / "train.jsonl").read_text(encoding="utf-8").splitlines()
-                    if f'"tgt_lang": "{lang}"' in line][:256]
-            calib.write_text("\n".join(rows) + "\n", encoding="utf-8")
+            from packager.pair_data import iter_pair_records
+
+            rows = [r for _, r in iter_pair_records(args.data / "train.jsonl", SystemExit, "train")
+                    if f"{r['src_lang']}-{r['tgt_lang']}" == args.pair][:256]
+            calib.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         merged = "merged" if args.merge_align == "none" else f"merged-aligned-{args.merge_align}"
         models[merged] = out / f"{merged}-{tag}"
         if not (models[merged] / "pruning.json").is_file():
