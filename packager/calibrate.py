@@ -63,7 +63,7 @@ class RoutingRecorder:
         self.arch = arch
         self.config = config
         self.layers = arch.moe_layers(config)
-        self.top_ks = arch.layer_top_ks(config)  # resolved once: the router hooks run on every forward pass
+        self.routing = [arch.routing_settings(config, layer) for layer in self.layers]  # resolved once: hooks run on every forward pass
         self.n_experts = arch.n_experts(config)
         self.n_keys = n_pairs * len(SLOTS)
         shape = (len(self.layers), self.n_keys + 1, self.n_experts)  # +1: dummy key for padding
@@ -119,7 +119,7 @@ class RoutingRecorder:
             _, weights, idx = output
             return idx, weights
         # a router that returns bare logits: route at the layer's own top-k
-        idx, weights = self.arch.route(output, self.config, top_k=self.top_ks[pos])
+        idx, weights = self.arch.route(output, self.config, settings=self.routing[pos])
         return idx.reshape(-1, idx.shape[-1]), weights.reshape(-1, weights.shape[-1])
 
     def _router_hook(self, pos: int):
@@ -582,11 +582,10 @@ def calibrate(model_dir: str | Path, data: Sequence[str | Path], settings: Calib
         "max_new_tokens": None if settings.teacher_forced else settings.max_new_tokens,
         "reap": settings.reap,
     })
-    if arch.routing_kind == "sigmoid_group" and int(arch.routing_param(config, "n_group") or 1) > 1:
+    routing = arch.routing_settings(config)
+    if routing.kind == "sigmoid_group" and routing.n_group > 1:
         stats.meta["routing_groups"] = {
-            "n_group": int(arch.routing_param(config, "n_group")),
-            "topk_group": int(arch.routing_param(config, "topk_group") or arch.routing_param(config, "n_group")),
-            "group_score_top": int(arch.routing.get("group_score_top", 1)),
+            "n_group": routing.n_group, "topk_group": routing.topk_group, "group_score_top": routing.group_score_top,
         }
     recorder.to_stats(stats, settings.pairs, MODE_SPAN[settings.mode])
     run_settings = {k: v for k, v in asdict(settings).items() if k not in ("pairs", "cache_dir", "spill_dir")}

@@ -36,12 +36,12 @@ class ExpertMaskHandle:
         self.remove()
 
 
-def _router_hook(arch, config, allowed: torch.Tensor, bias_attr: str | None, top_k: int):
+def _router_hook(arch, config, allowed: torch.Tensor, bias_attr: str | None, routing):
     def hook(module, args, output):
         router_logits, old_weights, _old_idx = output
         bias = getattr(module, bias_attr) if bias_attr else None
         mask = allowed.to(router_logits.device)
-        idx, weights = arch.route(router_logits, config, bias=bias, allowed=mask, top_k=top_k)
+        idx, weights = arch.route(router_logits, config, bias=bias, allowed=mask, settings=routing)
         masked_logits = router_logits.masked_fill(~mask, float("-inf"))
         return masked_logits, weights.to(old_weights.dtype), idx.to(_old_idx.dtype)
 
@@ -64,14 +64,15 @@ def apply_expert_mask(model: torch.nn.Module, keep: Mapping[int, list[int]]) -> 
                 raise PlanError(f"mask: layer {layer_idx} is not an MoE layer of this model ({sorted(moe_layers)})")
             router = model.get_submodule(arch.router_module(layer_idx))
             n_experts = router.weight.shape[0]
-            top_k = arch.top_k(config, layer_idx)
+            routing = arch.routing_settings(config, layer_idx)  # resolved once: the hook runs on every forward pass
+            top_k = routing.top_k
             if len(set(ids)) < top_k or any(not 0 <= e < n_experts for e in ids):
                 raise PlanError(
                     f"mask: layer {layer_idx} keeps {sorted(ids)}; need at least top-k={top_k} distinct ids in 0..{n_experts - 1}"
                 )
             allowed = torch.zeros(n_experts, dtype=torch.bool)
             allowed[list(ids)] = True
-            hooks.append(router.register_forward_hook(_router_hook(arch, config, allowed, score_bias_attr, top_k)))
+            hooks.append(router.register_forward_hook(_router_hook(arch, config, allowed, score_bias_attr, routing)))
     except BaseException:
         for hook in hooks:
             hook.remove()

@@ -66,7 +66,7 @@ def summarize_checkpoint(model_dir: str | os.PathLike) -> dict:
             "top_k": arch.top_k(config),
             "top_k_per_layer": arch.layer_top_ks(config),  # MoE layers in order (packager.topk)
             "routing": arch.routing_kind,
-            "renormalised": bool(arch.routing_param(config, "renorm")),
+            "renormalised": arch.routing_settings(config).renorm,
             "router_bias": bool(moe_layers and arch.router_bias_name(moe_layers[0]) in names),
             "score_correction_bias": bool(moe_layers and arch.score_bias_name(moe_layers[0]) in names),
             "shared_experts": bool(moe_layers and any(n in names for n in arch.shared_expert_names(moe_layers[0]))),

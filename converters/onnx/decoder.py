@@ -150,6 +150,7 @@ class DecoderBuilder:
         self.top_k = self.arch.top_k(self.config)  # the largest; each MoE layer's own k is in layer_k
         self.layer_k = dict(zip(self.arch.moe_layers(self.config), self.arch.layer_top_ks(self.config)))
         self.moe_layers = set(self.layer_k)
+        self.routing = self.arch.routing_settings(self.config)  # renorm, scaling, groups (each layer's k is layer_k)
         self.layer_types = list(getattr(text, "layer_types", None) or [])
         self.n_experts: dict[int, int] = {}
         self.routing_notes: dict[str, str] = {}
@@ -421,7 +422,7 @@ class DecoderBuilder:
             raise OnnxExportError(f"routing {kind!r} ({self.arch.family}) is not supported by the ONNX exporter yet")
         logits = self.router_logits(x, layer_idx, prefix)
         self.record.kept_fp32.append(f"{prefix}.router")
-        normalize = True if kind == "topk_softmax" else bool(self.arch.routing_param(self.config, "renorm"))
+        normalize = True if kind == "topk_softmax" else self.routing.renorm
         fc1_bias, fc2_bias = self._expert_biases(layer_idx)
         dense = self.sigmoid_group_weights(logits, layer_idx, prefix) if kind == "sigmoid_group" else None
         if self.formulation == "contrib" and dense is not None:
@@ -454,9 +455,7 @@ class DecoderBuilder:
         scores of the chosen, renormalised (norm_topk_prob) and times routed_scaling_factor."""
         g = self.g
         n = self.n_experts[layer_idx]
-        n_group = int(self.arch.routing_param(self.config, "n_group") or 1)
-        topk_group = int(self.arch.routing_param(self.config, "topk_group") or n_group)
-        group_top = int(self.arch.routing["group_score_top"])
+        n_group, topk_group, group_top = self.routing.n_group, self.routing.topk_group, self.routing.group_score_top
         if n % n_group:
             raise OnnxExportError(f"layer {layer_idx}: {n} experts do not split into {n_group} equal routing groups")
         size = n // n_group
@@ -480,10 +479,10 @@ class DecoderBuilder:
         choice = g.op("Where", [g.op("Greater", [expert_mask, g.const(0.0)]), choice, g.const(float("-inf"))])
         _, idx = g.op("TopK", [choice, g.const([top_k], np.int64)], 2, axis=-1)
         weights = g.op("GatherElements", [scores, idx], axis=1)
-        if self.arch.routing_param(self.config, "renorm"):
+        if self.routing.renorm:
             total = g.op("Add", [g.op("ReduceSum", [weights, g.const([-1], np.int64)], keepdims=1), g.const(1e-20)])
             weights = g.op("Div", [weights, total])
-        weights = g.op("Mul", [weights, g.const(float(self.arch.routing_param(self.config, "scaling") or 1.0))])
+        weights = g.op("Mul", [weights, g.const(self.routing.scaling)])
         return g.op("ScatterElements", [g.op("Mul", [scores, g.const(0.0)]), idx, weights], axis=1,
                     name=f"{prefix}/routing_weights")
 

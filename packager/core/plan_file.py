@@ -109,11 +109,10 @@ class Plan:
 
 def _group_problem(arch, config, layer_idx: int, ids: list[int], n_experts: int) -> str | None:
     """Why a kept set breaks group-limited routing, or None when it is valid."""
-    n_group = int(arch.routing_param(config, "n_group") or 1)
+    routing = arch.routing_settings(config)
+    n_group, topk_group, group_score_top = routing.n_group, routing.topk_group, routing.group_score_top
     if n_group <= 1:
         return None
-    topk_group = int(arch.routing_param(config, "topk_group") or n_group)
-    group_score_top = int(arch.routing.get("group_score_top", 1))
     group_size = n_experts // n_group
     per_group = [0] * n_group
     for expert_idx in ids:

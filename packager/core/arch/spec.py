@@ -41,6 +41,21 @@ def config_dict(config: Any) -> dict:
     return to_dict()
 
 
+@dataclass(frozen=True)
+class RoutingSettings:
+    """One MoE layer's routing, resolved from the config once: routers run on every forward
+    pass, and every consumer (reference routing, ONNX export, plan checks) reads the same
+    defaults from here."""
+
+    kind: str
+    top_k: int
+    renorm: bool
+    scaling: float
+    n_group: int
+    topk_group: int
+    group_score_top: int
+
+
 def _expand(template: str, **values: int) -> str:
     return Template(template).substitute(**values)
 
@@ -160,6 +175,19 @@ class MoEArch:
         if "value" in spec:
             return spec["value"]
         return self._get(config, spec["key"], spec.get("default"))
+
+    def routing_settings(self, config: Any, layer_idx: int | None = None) -> RoutingSettings:
+        """The routing of MoE layer `layer_idx` (its own top-k; the config's when None)."""
+        n_group = int(self.routing_param(config, "n_group") or 1)
+        return RoutingSettings(
+            kind=self.routing_kind,
+            top_k=self.top_k(config, layer_idx),
+            renorm=bool(self.routing_param(config, "renorm")),
+            scaling=float(self.routing_param(config, "scaling") or 1.0),
+            n_group=n_group,
+            topk_group=int(self.routing_param(config, "topk_group") or n_group),
+            group_score_top=int(self.routing.get("group_score_top", 1)),
+        )
 
     @property
     def routing_kind(self) -> str:
@@ -307,12 +335,12 @@ class MoEArch:
         return _expand(self.modules["moe_block"], layer_idx=layer_idx)
 
     # ---------------------------------------------------------------- routing
-    def route(self, router_logits, config: Any, bias=None, allowed=None, top_k: int | None = None):
-        """Reference routing of this family (at `top_k`, the config's when None): (topk_idx,
-        topk_weight). See packager.core.arch.routing."""
+    def route(self, router_logits, config: Any, bias=None, allowed=None, settings: RoutingSettings | None = None):
+        """Reference routing of this family: (topk_idx, topk_weight). `settings` are the layer's
+        resolved routing (the config's, at its top-k, when None). See packager.core.arch.routing."""
         from packager.core.arch.routing import route
 
-        return route(self, router_logits, config, bias=bias, allowed=allowed, top_k=top_k)
+        return route(settings or self.routing_settings(config), router_logits, bias=bias, allowed=allowed)
 
     def per_decoder_layer(self, config: Any, values: Mapping[int, int]) -> list[int]:
         """The layout of our per-layer config keys (expert counts, top-k): one entry per decoder
