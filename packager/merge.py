@@ -64,6 +64,7 @@ logger = logging.getLogger(__name__)
 MERGE_FAMILIES = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v3")
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 ALIGN_METHODS = ("none", "activations", "weights")
+
 ALIGN_RULES = {
     "activations": "Pearson correlation of intermediate activations act(gate x) * (up x) on the calibration tokens",
     "weights": "cosine similarity of each neuron's weights [gate row, up row, down column]",
@@ -72,6 +73,12 @@ ALIGN_RULES = {
 
 class MergeError(PackagerError):
     """A merge that cannot be done or a merge map that is not valid."""
+
+
+def check_align(align: str) -> None:
+    """MergeError unless `align` names an alignment method (the CLI checks it before any work)."""
+    if align not in ALIGN_METHODS:
+        raise MergeError(f"--merge-align {align!r}: choose one of {', '.join(ALIGN_METHODS)}")
 
 
 def validate_merge_map(merge_map: Mapping, keep: Mapping[int, Sequence[int]], n_experts: Mapping[int, int] | int,
@@ -358,8 +365,7 @@ def merge_prune(model_dir: str | os.PathLike, plan, out_dir: str | os.PathLike, 
     from packager.core.plan_file import Plan, validate_plan
     from packager.prune import prune_checkpoint
 
-    if align not in ALIGN_METHODS:
-        raise MergeError(f"merge alignment {align!r} is not one of {', '.join(ALIGN_METHODS)}")
+    check_align(align)
     model_dir = Path(model_dir)
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     with CheckpointReader(model_dir) as reader:

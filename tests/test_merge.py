@@ -254,7 +254,7 @@ def test_merge_align_refusals(work, permuted, tmp_path, monkeypatch, capsys):
 
     work_dir, calib = work
     parent, stats, plan, applied = permuted
-    with pytest.raises(MergeError, match="merge alignment 'neurons' is not one of none, activations, weights"):
+    with pytest.raises(MergeError, match="--merge-align 'neurons': choose one of none, activations, weights"):
         merge_prune(parent, plan, tmp_path / "bad-align", stats=stats, calib=[calib], align="neurons")
     assert not (tmp_path / "bad-align").exists()
     given = {str(i): [[d, k] for d, (k, _) in sorted(p.items())] for i, p in applied.items()}

@@ -58,12 +58,11 @@ def prune_command(model: str, plan_path: str | None, out_dir: str, force: bool, 
                   merge_map_path: str | None, merge_align: str, top_k_text: str | None) -> None:
     """Write a copy of MODEL that keeps only the experts listed in the plan (and/or serves it at a lower top-k)."""
     from packager.core.plan_file import Plan
-    from packager.merge import ALIGN_METHODS, MergeError
+    from packager.merge import MergeError, check_align
     from packager.prune import describe_prune, prune_checkpoint
 
     # checked before any work (and before --top-k stages a prune)
-    if merge_align not in ALIGN_METHODS:
-        raise MergeError(f"--merge-align {merge_align!r}: choose one of {', '.join(ALIGN_METHODS)}")
+    check_align(merge_align)
     if merge_align != "none" and reduce != "merge":
         raise MergeError(f"--merge-align {merge_align} aligns experts before merging: it needs --reduce merge")
 
