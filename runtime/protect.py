@@ -7,7 +7,8 @@ is missing, duplicated or unknown (the caller then translates the text around th
 joins the pieces with the spans in source order: `Protected.chunks`).
 
 Protected kinds (`KINDS`):
-- `printf`: printf / Python / gcc / LibreOffice placeholders (`%s`, `%1$d`, `%(name)s`, `%PRODUCTNAME`);
+- `printf`: printf / Python / gcc / LibreOffice placeholders (`%s`, `%1$d`, `%(name)s`, `%PRODUCTNAME`) and
+  one-letter codes (gcc's `%D`, gfortran's `%L`, strftime's `%H`, glibc's `%m`);
 - `qt`: Qt / LibreOffice numbered placeholders (`%1`), `$(ARG1)`, `${name}`;
 - `brace`: Python / .NET brace fields (`{0}`, `{name}`, `{0:d}`);
 - `icu`: ICU arguments (`{n, number}`) and the skeleton of plural/select messages
@@ -37,6 +38,7 @@ PLACEHOLDER_RE = re.compile(
     | %(?:\d+\$)?[-+\#0']*(?:\d+|\*)?(?:\.(?:\d+|\*))?
         (?:hh|ll|I64|I32|h|l|L|q|j|z|t|I)?[diouxXeEfFgGaAcCsSpn]          # printf %s %-5d %1$s %lu
     | %[<>']                                                               # gcc quoting %< %> %'
+    | %[A-Za-z](?![A-Za-z0-9])                        # one-letter codes: gcc %D %T %K, gfortran %L, strftime %H %Y, %m
     | %\d{1,2}                                                             # Qt / LibreOffice %1
     | \$\([A-Za-z0-9_]+\)                                                  # $(ARG1)
     | \$\{[A-Za-z0-9_]+\}                                                  # ${name}

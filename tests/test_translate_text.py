@@ -179,6 +179,21 @@ def test_protect_leaves_plain_text_and_literal_percent():
     assert [s.kind for s in find_spans("<file> and <b>")] == ["tag"]  # <file> may be translated text
 
 
+def test_one_letter_codes_are_placeholders():
+    # gcc tree codes, gfortran's locus, strftime fields and glibc's %m; a letter run or a digit
+    # after the letter makes it something else (Qt's %L1 is not the code %L)
+    cases = {
+        "%<%T::%D%> is not a member of %qT": ["%<", "%T", "%D", "%>", "%qT"],
+        "argument at %L must be REAL": ["%L"],
+        "%a %b %e %H:%M:%S %Y": ["%a", "%b", "%e", "%H", "%M", "%S", "%Y"],
+        "cannot re-read the table: %m": ["%m"],
+        "%L1 files": [],
+        "a 50%Discount": [],
+    }
+    for text, expected in cases.items():
+        assert [text[s.start:s.end] for s in find_spans(text)] == expected, text
+
+
 # -- the default model ----------------------------------------------------------------------
 needs_default = pytest.mark.skipif(not (MODEL / "config.json").is_file(), reason=f"{MODEL} does not exist yet")
 
