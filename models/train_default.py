@@ -586,6 +586,8 @@ def export(model, tokenizer, out: Path, state: dict, args, ema: dict | None = No
         shutil.rmtree(tmp)
     model.config.output_router_logits = False
     model.to(torch.bfloat16).save_pretrained(tmp)
+    # the current prompt template, not the one a warm start's tokenizer was saved with
+    tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(tmp)
     # transformers 5 writes only num_local_experts; 4.x readers need num_experts.
     config_path = tmp / "config.json"
