@@ -38,11 +38,12 @@ demo: $(STAMP) data-eval
 
 # The default's recipe (the shipped weights: 7.1 hours of step time, much of it on 1 thread; about 5
 # hours alone on 2 cores). Phases 1-2: all 12 directions evenly on the first harvest, then en->de,fr,es
-# pairs seen three times. Phase 3: warm start from phase 2 on the full harvest, warmup-stable-decay schedule over 7M tokens, longer strings
-# weighted up, the live weights exported (the EMA kept alongside lagged across the short decay: dev
-# loss 2.60 vs 2.42). Phase 4: warm start from phase 3, the same data and recipe over 26M tokens at
-# lr 6e-4 (decay over the last 20%), the EMA weights exported (the decay now spans the EMA's window:
-# dev loss 1.782 vs 1.784 live). Resumable: re-run the same command (checkpoints in $(TRAIN_WORK)).
+# pairs seen three times. Phase 3: warm start from phase 2 on the full harvest, warmup-stable-decay
+# schedule over 7M tokens, longer strings weighted up, the live weights exported (the EMA kept alongside
+# lagged across the short decay: dev loss 2.60 vs 2.42). Phase 4: warm start from phase 3, the same data
+# and recipe over 26M tokens at lr 6e-4 (decay over the last 20%), the EMA weights exported (the decay
+# now spans the EMA's window: dev loss 1.782 vs 1.784 live). Resumable: re-run the same command
+# (checkpoints in $(TRAIN_WORK)).
 TRAIN_WORK ?= data/train_default
 TRAIN_THREADS ?= 2
 PHASE3_TOKENS ?= 7e6
