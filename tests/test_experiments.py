@@ -187,6 +187,28 @@ def test_rerun_reuses_every_cell(setup, monkeypatch):
         assert again[key] == results[key]
 
 
+def test_a_new_parent_is_distilled_again(setup, tmp_path, monkeypatch):
+    # a distilled model from another parent (or another pruned model) is never reused: its scores
+    # would be the old parent's. Here one run's record names another parent.
+    work, model, data, results = setup
+    out = tmp_path / "out"
+    shutil.copytree(work / "out", out)
+    record_path = out / "models" / "distill-0500" / "distillation.json"
+    record = json.loads(record_path.read_text())
+    record["parent"]["fingerprint"] = "0" * 64
+    record_path.write_text(json.dumps(record))
+
+    class Distilled(Exception):
+        pass
+
+    def refuse(student, parent, data, settings, out_dir, **kwargs):
+        raise Distilled(Path(out_dir).name)
+
+    monkeypatch.setattr(distill_module, "distill", refuse)
+    with pytest.raises(Distilled, match="^distill-0500$"):
+        Experiment(model, data, out, CONFIG, None, show_progress=False, command="test").run()
+
+
 def test_a_changed_scorer_invalidates_cached_cells(setup, tmp_path, monkeypatch):
     work, model, data, results = setup
     source = tmp_path / "source"  # the project's code with one edit to the scorer
