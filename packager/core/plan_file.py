@@ -108,16 +108,15 @@ class Plan:
 
 
 def _group_problem(arch, config, layer_idx: int, ids: list[int], n_experts: int) -> str | None:
-    """Why a kept set breaks group-limited routing, or None when it is valid."""
-    routing = arch.routing_settings(config)
-    n_group, topk_group, group_score_top = routing.n_group, routing.topk_group, routing.group_score_top
+    """Why a kept set breaks group-limited routing of MoE layer `layer_idx`, or None when it is valid."""
+    routing = arch.routing_settings(config, layer_idx)
+    n_group, topk_group, group_score_top, top_k = routing.n_group, routing.topk_group, routing.group_score_top, routing.top_k
     if n_group <= 1:
         return None
     group_size = n_experts // n_group
     per_group = [0] * n_group
     for expert_idx in ids:
         per_group[expert_idx // group_size] += 1
-    top_k = arch.top_k(config, layer_idx)
     if len(set(per_group)) != 1:
         return (f"layer {layer_idx} keeps {per_group} experts in its {n_group} routing groups; group-limited routing "
                 "needs the same number kept in every group (experts are grouped in blocks of "

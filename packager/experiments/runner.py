@@ -287,22 +287,21 @@ class Experiment:
         directions = {slug: self.evaluate(fingerprint, slug, label=label, n=n) for slug in slugs}
         return {"model": str(path), "fingerprint": fingerprint, "directions": directions, "mean": self.summarize(directions)}
 
-    def distilled_from(self, out: Path, pruned: Path, settings) -> bool:
-        """Whether `out` holds a model distilled from this parent and this pruned model with these
-        settings (a new parent or plan must not reuse an older run's model)."""
-        from packager.core.fingerprint import model_fingerprint
-
+    def distilled_from(self, out: Path, pruned_fingerprint: str, settings) -> bool:
+        """Whether `out` holds a model distilled from this parent and the pruned model with
+        `pruned_fingerprint` with these settings (a new parent or plan must not reuse an older run's model)."""
         try:
             record = json.loads((out / "distillation.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return False
         wanted = asdict(settings)
         return (record.get("parent", {}).get("fingerprint") == self.parent.fingerprint
-                and record.get("input", {}).get("fingerprint") == model_fingerprint(pruned)
+                and record.get("input", {}).get("fingerprint") == pruned_fingerprint
                 and all(record.get("settings", {}).get(k) == (list(v) if isinstance(v, tuple) else v)
                         for k, v in wanted.items() if k in record.get("settings", {})))
 
     def recovery(self, best: dict) -> dict:
+        from packager.core.fingerprint import model_fingerprint
         from packager.distill import DistillSettings, distill
         from packager.planning import PlanSettings, make_plan
         from packager.prune import prune_checkpoint, read_provenance
@@ -332,6 +331,7 @@ class Experiment:
                 masked = self.masked_row(langs, best["ranker"], best["allocation"], drop)
                 row["pruned_equals_mask"] = {slug: masked["directions"][slug]["chrf++"] == row["pruned"]["directions"][slug]["chrf++"]
                                              for slug in slugs}
+            pruned_fingerprint = model_fingerprint(pruned)
             targets_list = ("parent", "references") if seed == config.seed else ("parent",)
             for targets in targets_list:
                 name = f"{'distill' if targets == 'parent' else 'sft'}-{tag}" + (f"-seed{seed}" if seed != config.seed else "")
@@ -342,7 +342,7 @@ class Experiment:
                     batch_tokens=config.distill_batch_tokens, eval_every=config.distill_eval_every, seed=seed,
                     gen_batch_size=64, keep_unfinished=config.distill_keep_unfinished,
                     drop_flagged=config.distill_drop_flagged)
-                if not self.distilled_from(out, pruned, distill_settings):
+                if not self.distilled_from(out, pruned_fingerprint, distill_settings):
                     started = time.monotonic()
                     distill(pruned, self.model_dir, [self.data_dir / "train.jsonl"], distill_settings, out,
                             cache_dir=self.out_dir / "distill-cache", work_dir=self.out_dir / "work" / name, force=True,
